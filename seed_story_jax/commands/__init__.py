@@ -1,0 +1,1 @@
+"""One module per `seed-story` subcommand: HELP, add_arguments(parser), run(args) -> exit code."""

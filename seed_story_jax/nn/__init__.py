@@ -1,0 +1,1 @@
+"""Shared building blocks: the one attention function, logical-axis parameters, norms, position tables."""
