@@ -100,6 +100,198 @@ class LlamaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Qwen-VL ViT-G/14 with its attention-pool resampler (spec §1). Owner: models/vit.py."""
+
+    image_size: int = 448
+    patch_size: int = 14
+    width: int = 1664
+    layers: int = 48
+    heads: int = 16
+    mlp_width: int = 8192
+    output_dim: int = 4096
+    n_queries: int = 256
+    pool_heads: int = 32
+    ln_eps: float = 1e-6
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"
+
+    def validate(self, where: str = "vit") -> None:
+        _check(self.image_size % self.patch_size == 0, f"{where}: image_size must be a multiple of patch_size")
+        _check(self.width % self.heads == 0, f"{where}: width must be divisible by heads")
+        _check(self.output_dim % self.pool_heads == 0, f"{where}: output_dim must be divisible by pool_heads")
+        g = int(round(self.n_queries ** 0.5))
+        _check(g * g == self.n_queries, f"{where}.n_queries must be a square, got {self.n_queries}")
+        _check(self.param_dtype in DTYPES and self.dtype in DTYPES, f"{where}: dtypes must be in {DTYPES}")
+        _check(self.remat in REMAT_POLICIES, f"{where}.remat must be one of {REMAT_POLICIES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """SDXL-family UNet2DConditionModel (spec §4.5). Owner: models/unet.py."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    layers_per_block: int = 2
+    transformer_layers_per_block: tuple[int, ...] = (1, 2, 10)
+    num_attention_heads: tuple[int, ...] = (5, 10, 20)  # diffusers' legacy `attention_head_dim`
+    cross_attention_dim: int = 2048
+    use_linear_projection: bool = True
+    addition_embed_type: str = "text_time"
+    addition_time_embed_dim: int = 256
+    projection_class_embeddings_input_dim: int = 2816
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    sample_size: int = 128
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: str = "none"
+
+    def validate(self, where: str = "unet") -> None:
+        n = len(self.block_out_channels)
+        for name in ("down_block_types", "up_block_types", "transformer_layers_per_block", "num_attention_heads"):
+            _check(len(getattr(self, name)) == n, f"{where}.{name} must have {n} entries (one per block)")
+        _check(self.param_dtype in DTYPES and self.dtype in DTYPES, f"{where}: dtypes must be in {DTYPES}")
+        _check(self.remat in REMAT_POLICIES, f"{where}.remat must be one of {REMAT_POLICIES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """AutoencoderKL (spec §4.5). Owner: models/vae.py."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.13025
+    sample_size: int = 1024
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    decode_dtype: str = "float32"  # fp16 overflows at 1024² in the SDXL VAE
+
+    def validate(self, where: str = "vae") -> None:
+        _check(self.decode_dtype in ("float32", "bfloat16"), f"{where}.decode_dtype must be float32 or bfloat16")
+        _check(self.param_dtype in DTYPES and self.dtype in DTYPES, f"{where}: dtypes must be in {DTYPES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Euler (sampling) and DDPM (training noise) with SDXL's settings. Owner: schedulers.py."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    interpolation_type: str = "linear"
+
+    def validate(self, where: str = "scheduler") -> None:
+        _check(self.beta_schedule in ("scaled_linear", "linear"), f"{where}.beta_schedule: scaled_linear|linear")
+        _check(self.timestep_spacing in ("leading", "trailing", "linspace"), f"{where}.timestep_spacing: leading|trailing|linspace")
+        _check(self.prediction_type == "epsilon", f"{where}.prediction_type: only epsilon is supported")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResamplerXLV2Config:
+    """ViT features → SDXL conditioning (spec §4.1–4.2). Owner: models/resamplers.py."""
+
+    dim: int = 1024
+    depth: int = 4
+    dim_head: int = 64
+    heads: int = 16
+    num_queries: int = 64
+    embedding_dim: int = 4096
+    output1_dim: int = 768
+    output2_dim: int = 1280
+    ff_mult: int = 4
+    normalize: bool = True  # F.normalize over the token axis, as SEED-Story always does
+    eps: float = 1e-5
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenResamplerConfig:
+    """Qwen-VL's 2-D Resampler as the agent uses it (spec §2.3). Owner: models/resamplers.py."""
+
+    grid_size: int = 8
+    embed_dim: int = 4096
+    num_heads: int = 32
+    kv_dim: int = 4096
+    input_tokens: int = 256
+    eps: float = 1e-5
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class DetokenizerConfig:
+    """ResamplerXLV2 + sampling settings (spec §4.4). Owner: models/detokenizer.py."""
+
+    resampler: ResamplerXLV2Config = ResamplerXLV2Config()
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    height: int = 1024
+    width: int = 1024
+    seed: int = 42
+    seed_policy: str = "per_image"  # per_image: re-seed every image (the original); free: one key stream
+
+    def validate(self, where: str = "detokenizer") -> None:
+        _check(self.seed_policy in ("per_image", "free"), f"{where}.seed_policy: per_image|free")
+        _check(self.height % 8 == 0 and self.width % 8 == 0, f"{where}: height/width must be multiples of 8")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLLMConfig:
+    """Llama + input/output resamplers (spec §2.3–2.7). Owner: models/mllm.py."""
+
+    input_resampler: QwenResamplerConfig = QwenResamplerConfig(grid_size=8, input_tokens=256)
+    output_resampler: QwenResamplerConfig = QwenResamplerConfig(grid_size=16, input_tokens=64)
+    num_img_tokens: int = 64
+    lm_loss_scale: float = 1.0
+    rec_loss_scale: float = 1.0
+    suppress_mode: str = "zero"  # the original's 0.0-logit rule; "neg_inf" is the clean mode
+    max_images: int = 10  # image slots per sample (static shapes)
+
+    def validate(self, where: str = "mllm") -> None:
+        _check(self.suppress_mode in ("zero", "neg_inf"), f"{where}.suppress_mode: zero|neg_inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """The decoder's KV cache: sink region + ring buffer (spec §3). Owner: cache.py."""
+
+    policy: str = "multimodal-sink"  # dense | window | sink | multimodal-sink
+    positions: str = "shifted"  # shifted (pre-RoPE keys, StreamingLLM) | original (post-RoPE)
+    capacity: int = 2048  # dense: whole story; others: sink + ring slots
+    sink_tokens: int = 4
+    sink_capacity: int = 256  # pinned slots (first tokens + image head/tail spans)
+    window_images: int = 8
+    boi_before: int = 4
+    boi_after: int = 8
+    eoi_before: int = 8
+    eoi_after: int = 4
+
+    def validate(self, where: str = "cache") -> None:
+        _check(self.policy in ("dense", "window", "sink", "multimodal-sink"),
+               f"{where}.policy: dense|window|sink|multimodal-sink")
+        _check(self.positions in ("shifted", "original"), f"{where}.positions: shifted|original")
+        _check(self.capacity > self.sink_capacity or self.policy in ("dense", "window"),
+               f"{where}: capacity must exceed sink_capacity")
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Mesh axis sizes (-1 takes the rest) and the logical → mesh rules table."""
 
@@ -141,6 +333,13 @@ class SeedStoryConfig:
     """A whole model or job: every section is optional so one file can hold just a Llama."""
 
     llm: Optional[LlamaConfig] = None
+    vit: Optional[ViTConfig] = None
+    unet: Optional[UNetConfig] = None
+    vae: Optional[VAEConfig] = None
+    scheduler: Optional[SchedulerConfig] = None
+    detokenizer: Optional[DetokenizerConfig] = None
+    mllm: Optional[MLLMConfig] = None
+    cache: Optional[CacheConfig] = None
     mesh: MeshConfig = MeshConfig()
     name: str = ""
 
