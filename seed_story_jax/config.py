@@ -200,6 +200,9 @@ class SchedulerConfig:
         _check(self.beta_schedule in ("scaled_linear", "linear"), f"{where}.beta_schedule: scaled_linear|linear")
         _check(self.timestep_spacing in ("leading", "trailing", "linspace"), f"{where}.timestep_spacing: leading|trailing|linspace")
         _check(self.prediction_type == "epsilon", f"{where}.prediction_type: only epsilon is supported")
+        _check(self.interpolation_type == "linear", f"{where}.interpolation_type: only linear is supported")
+        _check(self.num_train_timesteps > 0, f"{where}.num_train_timesteps must be > 0")
+        _check(0 < self.beta_start < self.beta_end < 1, f"{where}: need 0 < beta_start < beta_end < 1")
 
 
 @dataclasses.dataclass(frozen=True)
