@@ -1,0 +1,112 @@
+"""Resamplers against plain PyTorch references written from the spec (tests/torch_ref/resamplers.py).
+
+Tolerance: fp32 on CPU with matmul precision "highest"; outputs agree to 1e-5 relative to the
+output's max magnitude (`_close`)."""
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from convert.resamplers import qwen_resampler_from_torch, qwen_resampler_to_torch
+from seed_story_jax.config import QwenResamplerConfig
+from seed_story_jax.models.resamplers import TRAINABLE, FrozenParam, QwenResampler
+from seed_story_jax.nn.params import count_params
+from tests.torch_ref import resamplers as ref
+
+RTOL = 1e-5
+
+
+def _close(got, want, rtol=RTOL):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    err = np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12)
+    assert err <= rtol, f"max error {err:.2e} relative to max |ref| > {rtol}"
+
+
+def _sd(module: torch.nn.Module) -> dict:
+    return {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("pos_embed"):
+                continue  # the frozen sin-cos table stays what the module built
+            p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.ndim > 1 else 0.5) + (1.0 if "ln" in name and name.endswith("weight") else 0.0))
+
+
+def _load(model: nnx.Module, params: dict) -> None:
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+
+
+def _build_qwen(grid, embed, heads, kv_dim, input_tokens, eps=1e-5):
+    with nnx.use_eager_sharding(False):
+        return QwenResampler(grid, embed, heads, kv_dim, input_tokens, eps, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    "grid, input_tokens, kv_dim, eps",
+    [(8, 256, 64, 1e-5), (16, 64, 64, 1e-5), (4, 64, 48, 1e-6)],
+    ids=["input-256to64", "output-64to256", "kv_proj-64to16"],
+)
+def test_qwen_resampler_matches_torch(grid, input_tokens, kv_dim, eps):
+    torch.manual_seed(0)
+    t = ref.Resampler(grid, 64, 4, kv_dim=kv_dim, eps=eps).eval()
+    _randomize(t, 1)
+    sd = _sd(t)
+    model = _build_qwen(grid, 64, 4, kv_dim, input_tokens, eps)
+    # The module's own sin-cos table equals the reference's.
+    np.testing.assert_allclose(np.asarray(model.pos_embed[...]), sd["pos_embed"], rtol=0, atol=1e-6)
+    # Its key table is torch's bicubic resize of that table (float32 rounding of the sin-cos only).
+    want_keys = ref.get_abs_pos(torch.from_numpy(sd["pos_embed"]), input_tokens).numpy()
+    np.testing.assert_allclose(np.asarray(model.key_pos_embed[...]), want_keys, rtol=0, atol=2e-6)
+    params = qwen_resampler_from_torch(sd, input_tokens=input_tokens)
+    # Conversion derives the key table from the checkpoint's pos_embed exactly as torch does at run time.
+    np.testing.assert_allclose(params["key_pos_embed"], want_keys, rtol=0, atol=1e-6)
+    _load(model, params)
+    x = np.random.default_rng(2).standard_normal((2, input_tokens, kv_dim)).astype(np.float32)
+    with torch.no_grad():
+        want = t(torch.from_numpy(x)).numpy()
+    got = model(x)
+    assert got.shape == (2, grid * grid, 64)
+    _close(got, want)
+    # Export reproduces the torch state dict bit for bit.
+    back = qwen_resampler_to_torch(params)
+    assert set(back) == set(sd)
+    for k in sd:
+        np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+
+
+def test_qwen_resampler_rejects_wrong_token_count():
+    model = _build_qwen(4, 32, 4, 32, 64)
+    with pytest.raises(ValueError, match="64 input tokens"):
+        model(np.zeros((1, 16, 32), np.float32))
+
+
+@pytest.mark.parametrize("cfg, trainable", [
+    (QwenResamplerConfig(grid_size=8, input_tokens=256), 67_403_776),
+    (QwenResamplerConfig(grid_size=16, input_tokens=64), 68_190_208),
+])
+def test_qwen_resampler_full_size_counts(cfg, trainable):
+    """Spec §2.3 trainable counts; the frozen sin-cos tables (pos_embed and its resized key copy)
+    are carried as FrozenParam and excluded from the trainable set."""
+    import jax
+
+    def make():
+        with nnx.use_eager_sharding(False):
+            m = QwenResampler.from_config(cfg, nnx.Rngs(0))
+        return nnx.state(m, TRAINABLE).to_pure_dict(), nnx.state(m, FrozenParam).to_pure_dict()
+
+    train, frozen = jax.eval_shape(make)
+    assert count_params(train) == trainable
+    n = cfg.grid_size**2
+    assert frozen["pos_embed"].shape == (n, 4096)
+    assert frozen["key_pos_embed"].shape == (cfg.input_tokens, 4096)
+    # torch's own count of requires_grad parameters, on the meta device.
+    with torch.device("meta"):
+        t = ref.Resampler(cfg.grid_size, 4096, 32, kv_dim=4096)
+    assert sum(p.numel() for p in t.parameters() if p.requires_grad) == trainable
