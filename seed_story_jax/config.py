@@ -174,13 +174,27 @@ class VAEConfig:
     norm_num_groups: int = 32
     scaling_factor: float = 0.13025
     sample_size: int = 1024
+    mid_block_add_attention: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    force_upcast: bool = True  # carried for diffusers' config.json only; our decode_dtype decides
     param_dtype: str = "float32"
-    dtype: str = "float32"
-    decode_dtype: str = "float32"  # fp16 overflows at 1024² in the SDXL VAE
+    dtype: str = "float32"  # encoder compute dtype
+    decode_dtype: str = "float32"  # decoder compute dtype; fp16 overflows at 1024² in the SDXL VAE
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image side / latent side: 8 for SDXL (4 blocks), 2 for the tiny 2-block VAE."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
     def validate(self, where: str = "vae") -> None:
         _check(self.decode_dtype in ("float32", "bfloat16"), f"{where}.decode_dtype must be float32 or bfloat16")
         _check(self.param_dtype in DTYPES and self.dtype in DTYPES, f"{where}: dtypes must be in {DTYPES}")
+        _check(len(self.block_out_channels) >= 1 and self.layers_per_block >= 1,
+               f"{where}: need at least one block and one layer per block")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        _check(not bad, f"{where}.block_out_channels {bad} not divisible by norm_num_groups {self.norm_num_groups}")
+        _check(self.scaling_factor > 0, f"{where}.scaling_factor must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
