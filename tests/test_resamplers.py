@@ -3,14 +3,18 @@
 Tolerance: fp32 on CPU with matmul precision "highest"; outputs agree to 1e-5 relative to the
 output's max magnitude (`_close`)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
-from convert.resamplers import qwen_resampler_from_torch, qwen_resampler_to_torch
-from seed_story_jax.config import QwenResamplerConfig
-from seed_story_jax.models.resamplers import TRAINABLE, FrozenParam, QwenResampler
+from convert.resamplers import (qwen_resampler_from_torch, qwen_resampler_to_torch, xlv2_from_torch,
+                                xlv2_to_torch)
+from seed_story_jax.config import QwenResamplerConfig, ResamplerXLV2Config
+from seed_story_jax.errors import ConversionError
+from seed_story_jax.models.resamplers import TRAINABLE, FrozenParam, QwenResampler, ResamplerXLV2
 from seed_story_jax.nn.params import count_params
 from tests.torch_ref import resamplers as ref
 
@@ -43,6 +47,19 @@ def _load(model: nnx.Module, params: dict) -> None:
     nnx.update(model, state)
 
 
+def _from_params(make, params: dict) -> nnx.Module:
+    """Build abstractly (no eager initialisers to compile) and fill in converted params."""
+    with nnx.use_eager_sharding(False):
+        graphdef, state = nnx.split(nnx.eval_shape(make))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graphdef, state)
+
+
+@nnx.jit
+def _run(model, x):
+    return model(x)
+
+
 def _build_qwen(grid, embed, heads, kv_dim, input_tokens, eps=1e-5):
     with nnx.use_eager_sharding(False):
         return QwenResampler(grid, embed, heads, kv_dim, input_tokens, eps, rngs=nnx.Rngs(0))
@@ -71,7 +88,7 @@ def test_qwen_resampler_matches_torch(grid, input_tokens, kv_dim, eps):
     x = np.random.default_rng(2).standard_normal((2, input_tokens, kv_dim)).astype(np.float32)
     with torch.no_grad():
         want = t(torch.from_numpy(x)).numpy()
-    got = model(x)
+    got = _run(model, x)
     assert got.shape == (2, grid * grid, 64)
     _close(got, want)
     # Export reproduces the torch state dict bit for bit.
@@ -94,7 +111,6 @@ def test_qwen_resampler_rejects_wrong_token_count():
 def test_qwen_resampler_full_size_counts(cfg, trainable):
     """Spec §2.3 trainable counts; the frozen sin-cos tables (pos_embed and its resized key copy)
     are carried as FrozenParam and excluded from the trainable set."""
-    import jax
 
     def make():
         with nnx.use_eager_sharding(False):
@@ -110,3 +126,79 @@ def test_qwen_resampler_full_size_counts(cfg, trainable):
     with torch.device("meta"):
         t = ref.Resampler(cfg.grid_size, 4096, 32, kv_dim=4096)
     assert sum(p.numel() for p in t.parameters() if p.requires_grad) == trainable
+
+
+TINY_XLV2 = ResamplerXLV2Config(dim=32, depth=2, dim_head=8, heads=4, num_queries=16, embedding_dim=64,
+                                output1_dim=16, output2_dim=24)
+
+
+def _tiny_xlv2_pair(seed=0):
+    cfg = TINY_XLV2
+    torch.manual_seed(seed)
+    t = ref.ResamplerXLV2(cfg.dim, cfg.depth, cfg.dim_head, cfg.heads, cfg.num_queries, cfg.embedding_dim,
+                          cfg.output1_dim, cfg.output2_dim, cfg.ff_mult).eval()
+    _randomize(t, seed + 1)
+    sd = _sd(t)
+    params = xlv2_from_torch(sd, cfg)
+    model = _from_params(lambda: ResamplerXLV2(cfg, rngs=nnx.Rngs(0)), params)
+    return t, sd, model, params
+
+
+def test_xlv2_matches_torch():
+    t, sd, model, params = _tiny_xlv2_pair()
+    # 20 tokens of 64 channels: token count differs from both dims, so a wrong axis cannot hide.
+    x = np.random.default_rng(3).standard_normal((3, 20, 64)).astype(np.float32) * 4 + 1
+    with torch.no_grad():
+        want_p, want_pool = (a.numpy() for a in t(torch.from_numpy(x)))
+    got_p, got_pool = _run(model, x)
+    assert got_p.shape == (3, 16, 16 + 24) and got_pool.shape == (3, 24)
+    _close(got_p, want_p)
+    _close(got_pool, want_pool)
+    back = xlv2_to_torch(params, TINY_XLV2)
+    assert set(back) == set(sd)
+    for k in sd:
+        np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+
+
+def test_xlv2_normalizes_over_tokens_not_channels():
+    """F.normalize(x) uses dim=1 = tokens: scaling one channel across all tokens cannot change the
+    output, while scaling one token does. Both assertions flip if channels were normalized."""
+    _, _, model, _ = _tiny_xlv2_pair()
+    x = np.random.default_rng(4).standard_normal((1, 20, 64)).astype(np.float32)
+    base_p, base_pool = (np.asarray(a) for a in _run(model, x))
+    ch = x.copy()
+    ch[:, :, 5] *= 7.0
+    p, pool = _run(model, ch)
+    _close(p, base_p)
+    _close(pool, base_pool)
+    tok = x.copy()
+    tok[:, 3, :] *= 7.0
+    p, _ = _run(model, tok)
+    assert np.max(np.abs(np.asarray(p) - base_p)) > 1e-3 * np.max(np.abs(base_p))
+
+
+def test_xlv2_refuses_bad_state_dict():
+    _, sd, _, _ = _tiny_xlv2_pair()
+    missing = dict(sd)
+    del missing["layers.1.0.to_kv.weight"]
+    with pytest.raises(ConversionError, match="layers.1.0.to_kv.weight"):
+        xlv2_from_torch(missing, TINY_XLV2)
+    bad = dict(sd)
+    bad["unet_proj_2.weight"] = bad["unet_proj_2.weight"][:, :-1]
+    with pytest.raises(ConversionError, match="unet_proj_2.weight"):
+        xlv2_from_torch(bad, TINY_XLV2)
+
+
+def test_xlv2_full_size_count():
+    """Spec §4.1 (≈61.2 M): equal to the torch reference's count at full size (meta device)."""
+
+    cfg = ResamplerXLV2Config()
+
+    def make():
+        with nnx.use_eager_sharding(False):
+            return nnx.state(ResamplerXLV2(cfg, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+
+    n = count_params(jax.eval_shape(make))
+    with torch.device("meta"):
+        t = ref.ResamplerXLV2()
+    assert n == sum(p.numel() for p in t.parameters()) == 61_245_696

@@ -133,3 +133,127 @@ class QwenResampler(nnx.Module):
         v = self.v_proj(kv.astype(dt)).reshape(b, n, h, d)
         out = attention(q, k, v, scale=1.0 / math.sqrt(d))
         return self.out_proj(out.reshape(b, -1, self.embed_dim))
+
+
+# --------------------------------------------------------------------------------------------
+# ResamplerXLV2 (spec §4.1–4.2)
+# --------------------------------------------------------------------------------------------
+
+
+def l2_normalize_tokens(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """torch `F.normalize(x)` on (B, N, C): p=2 over dim=1, the TOKEN axis (not channels)."""
+    x = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+class PerceiverAttention(nnx.Module):
+    """Latents attend to [x; latents]; q and k are each scaled by dim_head^-1/4 before QKᵀ."""
+
+    def __init__(self, dim: int, dim_head: int, heads: int, eps: float, *, param_dtype, dtype, rngs):
+        inner = dim_head * heads
+        lin = dict(param_dtype=param_dtype, dtype=dtype)
+        self.heads, self.dim_head, self.dtype = heads, dim_head, dtype_of(dtype)
+        self.norm1 = layer_norm(rngs, dim, eps, param_dtype)
+        self.norm2 = layer_norm(rngs, dim, eps, param_dtype)
+        self.to_q = linear(rngs, dim, inner, ("embed", "heads"), **lin)
+        # torch's to_kv (dim → 2·inner, chunked k | v) kept as two projections.
+        self.to_k = linear(rngs, dim, inner, ("embed", "heads"), **lin)
+        self.to_v = linear(rngs, dim, inner, ("embed", "heads"), **lin)
+        self.to_out = linear(rngs, inner, dim, ("heads", "embed"), **lin)
+
+    def __call__(self, x: jax.Array, latents: jax.Array) -> jax.Array:
+        dt = self.dtype
+        xn = self.norm1(x).astype(dt)
+        ln = self.norm2(latents).astype(dt)
+        b, n, _ = ln.shape
+        kv_in = jnp.concatenate([xn, ln], axis=1)
+        h, d = self.heads, self.dim_head
+        s = 1.0 / math.sqrt(math.sqrt(d))
+        q = (self.to_q(ln) * s).reshape(b, n, h, d)
+        k = (self.to_k(kv_in) * s).reshape(b, -1, h, d)
+        v = self.to_v(kv_in).reshape(b, -1, h, d)
+        out = attention(q, k, v, scale=1.0)
+        return self.to_out(out.reshape(b, n, h * d))
+
+
+class FeedForward(nnx.Module):
+    """LayerNorm → Linear (no bias) → exact GELU → Linear (no bias)."""
+
+    def __init__(self, dim: int, mult: int, eps: float, *, param_dtype, dtype, rngs):
+        lin = dict(param_dtype=param_dtype, dtype=dtype)
+        self.dtype = dtype_of(dtype)
+        self.norm = layer_norm(rngs, dim, eps, param_dtype)
+        self.fc1 = linear(rngs, dim, dim * mult, ("embed", "mlp"), **lin)
+        self.fc2 = linear(rngs, dim * mult, dim, ("mlp", "embed"), **lin)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(self.norm(x).astype(self.dtype)), approximate=False))
+
+
+class AttentionPool(nnx.Module):
+    """CLIP-style AttentionPool2d over a token sequence: prepend the mean token, add the learned
+    positional embedding, multi-head attention (separate q/k/v with bias, c_proj as out-projection,
+    scale 1/sqrt(dim/heads)); only token 0's output is returned, so only its query is computed."""
+
+    def __init__(self, seq_len: int, dim: int, heads: int, out_dim: int, *, param_dtype, dtype, rngs):
+        lin = dict(param_dtype=param_dtype, dtype=dtype, use_bias=True)
+        self.heads, self.dtype = heads, dtype_of(dtype)
+        self.positional_embedding = param(
+            rngs, nnx.initializers.normal(dim**-0.5), (seq_len + 1, dim), ("queries", "embed"), param_dtype)
+        self.q_proj = linear(rngs, dim, dim, ("embed", "heads"), **lin)
+        self.k_proj = linear(rngs, dim, dim, ("embed", "heads"), **lin)
+        self.v_proj = linear(rngs, dim, dim, ("embed", "heads"), **lin)
+        self.c_proj = linear(rngs, dim, out_dim, ("heads", "embed"), **lin)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, c = x.shape
+        x = jnp.concatenate([jnp.mean(x, axis=1, keepdims=True), x], axis=1)
+        x = (x + self.positional_embedding[...].astype(x.dtype)).astype(self.dtype)
+        h, d = self.heads, c // self.heads
+        q = self.q_proj(x[:, :1]).reshape(b, 1, h, d)
+        k = self.k_proj(x).reshape(b, n + 1, h, d)
+        v = self.v_proj(x).reshape(b, n + 1, h, d)
+        out = attention(q, k, v, scale=1.0 / math.sqrt(d))
+        return self.c_proj(out.reshape(b, c))
+
+
+class ResamplerXLV2(nnx.Module):
+    """(B, N, embedding_dim) ViT-like features → (prompt_embeds (B, Q, out1+out2), pooled (B, out2))."""
+
+    def __init__(self, cfg: ResamplerXLV2Config, *, rngs: nnx.Rngs):
+        dim, pd, dt = cfg.dim, cfg.param_dtype, cfg.dtype
+        kw = dict(param_dtype=pd, dtype=dt, rngs=rngs)
+        self.cfg = cfg
+        self.dtype = dtype_of(dt)
+        self.latents = param(rngs, nnx.initializers.normal(dim**-0.5), (1, cfg.num_queries, dim),
+                             (None, "queries", "embed"), pd)
+        self.proj_in = linear(rngs, cfg.embedding_dim, dim, ("embed", "embed"), use_bias=True,
+                              param_dtype=pd, dtype=dt)
+        self.layers = nnx.List([
+            nnx.Dict(attn=PerceiverAttention(dim, cfg.dim_head, cfg.heads, cfg.eps, **kw),
+                     ff=FeedForward(dim, cfg.ff_mult, cfg.eps, **kw))
+            for _ in range(cfg.depth)
+        ])
+        self.norm_out = layer_norm(rngs, dim, cfg.eps, pd)
+        self.unet_proj_1 = linear(rngs, dim, cfg.output1_dim, ("embed", "embed"), use_bias=True,
+                                  param_dtype=pd, dtype=dt)
+        self.unet_proj_2 = linear(rngs, dim, cfg.output2_dim, ("embed", "embed"), use_bias=True,
+                                  param_dtype=pd, dtype=dt)
+        self.unet_attnpool = AttentionPool(cfg.num_queries, dim, cfg.heads, cfg.output2_dim, **kw)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        b = x.shape[0]
+        if x.ndim != 3 or x.shape[-1] != self.cfg.embedding_dim:
+            raise ValueError(f"ResamplerXLV2 expects (B, N, {self.cfg.embedding_dim}), got {x.shape}")
+        if self.cfg.normalize:
+            x = l2_normalize_tokens(x)
+        x = self.proj_in(x.astype(self.dtype))
+        latents = jnp.broadcast_to(self.latents[...], (b,) + self.latents.shape[1:]).astype(jnp.float32)
+        # The residual stream stays fp32; each block computes in `dtype`.
+        for layer in self.layers:
+            latents = latents + layer["attn"](x, latents).astype(jnp.float32)
+            latents = latents + layer["ff"](latents).astype(jnp.float32)
+        h = self.norm_out(latents).astype(self.dtype)
+        prompt_embeds = jnp.concatenate([self.unet_proj_1(h), self.unet_proj_2(h)], axis=-1)
+        return prompt_embeds, self.unet_attnpool(h)

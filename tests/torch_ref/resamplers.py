@@ -81,3 +81,97 @@ class Resampler(nn.Module):
             x,
         )[0]
         return out.permute(1, 0, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# ResamplerXLV2 (SEED-X de-tokenizer conditioning)
+# --------------------------------------------------------------------------------------------
+
+
+def FeedForward(dim, mult=4):
+    inner = int(dim * mult)
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
+                         nn.Linear(inner, dim, bias=False))
+
+
+def _heads(x, heads):
+    b, n, _ = x.shape
+    return x.view(b, n, heads, -1).transpose(1, 2)
+
+
+class PerceiverAttention(nn.Module):
+    def __init__(self, *, dim, dim_head=64, heads=8):
+        super().__init__()
+        self.dim_head, self.heads = dim_head, heads
+        inner = dim_head * heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x, latents):
+        x = self.norm1(x)
+        latents = self.norm2(latents)
+        b, n, _ = latents.shape
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat((x, latents), dim=-2)).chunk(2, dim=-1)
+        q, k, v = (_heads(t, self.heads) for t in (q, k, v))
+        s = 1 / math.sqrt(math.sqrt(self.dim_head))
+        w = (q * s) @ (k * s).transpose(-2, -1)
+        w = torch.softmax(w.float(), dim=-1).type(w.dtype)
+        out = (w @ v).permute(0, 2, 1, 3).reshape(b, n, -1)
+        return self.to_out(out)
+
+
+class AttentionPool2d(nn.Module):
+    def __init__(self, seq_len, embed_dim, num_heads, output_dim=None):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(seq_len + 1, embed_dim) / embed_dim**0.5)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.c_proj = nn.Linear(embed_dim, output_dim or embed_dim)
+        self.num_heads = num_heads
+
+    def forward(self, x):
+        x = x.permute(1, 0, 2)
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+        x = x + self.positional_embedding[:, None, :].to(x.dtype)
+        x, _ = F.multi_head_attention_forward(
+            query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.num_heads,
+            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight,
+            v_proj_weight=self.v_proj.weight, in_proj_weight=None,
+            in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0,
+            out_proj_weight=self.c_proj.weight, out_proj_bias=self.c_proj.bias,
+            use_separate_proj_weight=True, training=self.training, need_weights=False)
+        return x[0]
+
+
+class ResamplerXLV2(nn.Module):
+    def __init__(self, dim=1024, depth=4, dim_head=64, heads=16, num_queries=64, embedding_dim=4096,
+                 output1_dim=768, output2_dim=1280, ff_mult=4):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
+        self.proj_in = nn.Linear(embedding_dim, dim)
+        self.norm_out = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList([
+            nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads),
+                           FeedForward(dim=dim, mult=ff_mult)])
+            for _ in range(depth)
+        ])
+        self.unet_proj_1 = nn.Linear(dim, output1_dim)
+        self.unet_proj_2 = nn.Linear(dim, output2_dim)
+        self.unet_attnpool = AttentionPool2d(num_queries, dim, heads, output2_dim)
+
+    def forward(self, x):
+        latents = self.latents.repeat(x.size(0), 1, 1)
+        x = F.normalize(x)  # p=2 over dim=1: the TOKEN axis
+        x = self.proj_in(x)
+        for attn, ff in self.layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        h = self.norm_out(latents)
+        prompt_embeds = torch.cat([self.unet_proj_1(h), self.unet_proj_2(h)], dim=-1)
+        return prompt_embeds, self.unet_attnpool(h)
