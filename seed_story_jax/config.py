@@ -237,6 +237,14 @@ class ResamplerXLV2Config:
     param_dtype: str = "float32"
     dtype: str = "float32"
 
+    def validate(self, where: str = "detokenizer.resampler") -> None:
+        for name in ("dim", "depth", "dim_head", "heads", "num_queries", "embedding_dim", "output1_dim",
+                     "output2_dim", "ff_mult"):
+            _check(getattr(self, name) > 0, f"{where}.{name} must be > 0")
+        _check(self.dim % self.heads == 0, f"{where}: dim ({self.dim}) must be divisible by heads ({self.heads}) "
+               "(the attention pool splits dim over heads)")
+        _check(self.param_dtype in DTYPES and self.dtype in DTYPES, f"{where}: dtypes must be in {DTYPES}")
+
 
 @dataclasses.dataclass(frozen=True)
 class QwenResamplerConfig:
@@ -250,6 +258,16 @@ class QwenResamplerConfig:
     eps: float = 1e-5
     param_dtype: str = "float32"
     dtype: str = "float32"
+
+    def validate(self, where: str = "resampler") -> None:
+        _check(self.grid_size > 0, f"{where}.grid_size must be > 0")
+        _check(self.embed_dim % self.num_heads == 0,
+               f"{where}: embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})")
+        _check(self.embed_dim % 4 == 0, f"{where}.embed_dim must be a multiple of 4 (2-D sin-cos table)")
+        g = int(round(self.input_tokens ** 0.5))
+        _check(self.input_tokens > 0 and g * g == self.input_tokens,
+               f"{where}.input_tokens must be a square (a token grid), got {self.input_tokens}")
+        _check(self.param_dtype in DTYPES and self.dtype in DTYPES, f"{where}: dtypes must be in {DTYPES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +283,8 @@ class DetokenizerConfig:
     seed_policy: str = "per_image"  # per_image: re-seed every image (the original); free: one key stream
 
     def validate(self, where: str = "detokenizer") -> None:
+        self.resampler.validate(f"{where}.resampler")
+        _check(self.num_inference_steps > 0, f"{where}.num_inference_steps must be > 0")
         _check(self.seed_policy in ("per_image", "free"), f"{where}.seed_policy: per_image|free")
         _check(self.height % 8 == 0 and self.width % 8 == 0, f"{where}: height/width must be multiples of 8")
 
