@@ -328,6 +328,70 @@ class CacheConfig:
                f"{where}: capacity must exceed sink_capacity")
 
 
+TRAINABLE_PRESETS = ("full", "lora", "kv", "unet")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training job (spec §5.3, §5.4). Owner: train/.
+
+    stage 0 is a plain causal-LM objective on `llm` alone (the machinery's own proof); 1, 2, 3 are
+    SEED-Story's stages. `trainable` picks a preset within the stage's trained components:
+    full (everything), lora (LoRA adapters + norms + embeddings + lm_head + agent resamplers, §2.4),
+    kv (UNet to_k/to_v + de-tokenizer resampler, §4.3), unet (whole UNet + resampler);
+    `trainable_regex` (over "component/path/to/param") replaces the preset when set."""
+
+    stage: int = 0
+    steps: int = 1000
+    batch_size: int = 8  # global examples per optimizer step (all processes, all microbatches)
+    grad_accum: int = 1  # microbatches per step (lax.scan)
+    seq_len: int = 128  # stage 0 sequence length
+    lr: float = 1e-4
+    betas: tuple[float, ...] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW, decoupled, on every trainable parameter (as the original)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
+    trainable: str = "full"
+    trainable_regex: str = ""
+    dtype: str = ""  # compute dtype forced on every model section ("" keeps each section's)
+    frozen_dtype: str = ""  # storage dtype of frozen params ("" keeps param_dtype)
+    remat: str = ""  # remat policy forced on every model section that has one ("" keeps)
+    checkpoint_every: int = 1000
+    keep: int = 3  # checkpoints kept
+    async_checkpoint: bool = True
+    save_frozen: bool = False  # frozen params are rebuilt from `init`/seed on resume unless saved
+    log_every: int = 10
+    seed: int = 0
+    data: str = "synthetic"  # stage 0: synthetic; stages 1-3: the `data:` section's dataset
+    synthetic_examples: int = 4096
+    init: str = ""  # a seed-story checkpoint directory to start the params from
+
+    def validate(self, where: str = "train") -> None:
+        _check(self.stage in (0, 1, 2, 3), f"{where}.stage must be 0, 1, 2 or 3, got {self.stage}")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "checkpoint_every", "keep", "log_every"):
+            _check(getattr(self, name) >= 1, f"{where}.{name} must be >= 1")
+        _check(self.batch_size % self.grad_accum == 0,
+               f"{where}: batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        _check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), f"{where}.betas: two numbers in [0, 1)")
+        _check(self.lr > 0 and self.eps > 0, f"{where}: lr and eps must be > 0")
+        _check(self.weight_decay >= 0 and self.clip_norm >= 0, f"{where}: weight_decay and clip_norm must be >= 0")
+        _check(self.warmup_steps >= 0, f"{where}.warmup_steps must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, f"{where}.min_lr_ratio must be in [0, 1]")
+        _check(self.trainable in TRAINABLE_PRESETS, f"{where}.trainable must be one of {TRAINABLE_PRESETS}")
+        _check(self.dtype in ("",) + DTYPES and self.frozen_dtype in ("",) + DTYPES,
+               f"{where}: dtype and frozen_dtype must be empty or one of {DTYPES}")
+        _check(self.remat in ("",) + REMAT_POLICIES, f"{where}.remat must be empty or one of {REMAT_POLICIES}")
+        if self.trainable_regex:
+            import re
+
+            try:
+                re.compile(self.trainable_regex)
+            except re.error as e:
+                raise ConfigError(f"{where}.trainable_regex: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """Mesh axis sizes (-1 takes the rest) and the logical → mesh rules table."""
@@ -377,6 +441,7 @@ class SeedStoryConfig:
     detokenizer: Optional[DetokenizerConfig] = None
     mllm: Optional[MLLMConfig] = None
     cache: Optional[CacheConfig] = None
+    train: Optional[TrainConfig] = None
     mesh: MeshConfig = MeshConfig()
     name: str = ""
 

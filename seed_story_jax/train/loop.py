@@ -1,0 +1,246 @@
+"""The training loop: resume from the workdir, step, log, checkpoint, stop cleanly.
+
+    WORKDIR/config.yaml            the resolved config of the run
+    WORKDIR/checkpoints/<step>/    orbax: state (step, params, opt_state, rng), data (iterator state)
+    WORKDIR/metrics.jsonl          one line per logged step; WORKDIR/tb/ TensorBoard event files
+
+Checkpoints are written by an orbax CheckpointManager (async, keep N) into a temporary directory
+that is renamed into place once complete, so a kill mid-save leaves no directory that looks like a
+checkpoint; a run always resumes from the newest complete one (falling back to older ones if one
+fails to restore). A non-finite loss or gradient norm stops the run without saving (the step leaves
+the state untouched), so the last good checkpoint stays the newest. SIGTERM (preemption) saves the
+current step and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import jax
+import numpy as np
+
+from seed_story_jax.config import SeedStoryConfig, dump_config
+from seed_story_jax.train import data as D
+from seed_story_jax.train import rules as R
+from seed_story_jax.train import state as S
+from seed_story_jax.train.mesh import make_mesh
+from seed_story_jax.train.metrics import MetricsWriter, peak_flops
+from seed_story_jax.train.optim import lr_schedule, make_optimizer
+from seed_story_jax.train.step import jit_train_step, make_train_step
+
+
+class TrainingDiverged(RuntimeError):
+    """A step produced a non-finite loss or gradient norm."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    status: str  # "done" | "preempted" | "stopped" (max_steps_this_run reached)
+    step: int
+    last_checkpoint: Optional[int]
+
+
+def checkpoint_manager(workdir: Path, keep: int, async_save: bool):
+    import orbax.checkpoint as ocp
+
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                                        enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager((workdir / "checkpoints").resolve(), options=opts,
+                                 item_names=("state", "data"))
+
+
+def restore_latest(mngr, abstract_state):
+    """(step, state, data state) of the newest checkpoint that restores, or None."""
+    import orbax.checkpoint as ocp
+
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            out = mngr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+            return step, out["state"], out["data"]
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint: say so and try the previous one
+            print(f"train: checkpoint {step} does not restore ({type(e).__name__}: {e}); trying an older one",
+                  file=sys.stderr)
+    return None
+
+
+class _Fault:
+    """Test-only fault injection: SEED_STORY_FAULT="kill_at:N" or "kill_in_save:N" (SIGKILL self)."""
+
+    def __init__(self):
+        spec = os.environ.get("SEED_STORY_FAULT", "")
+        self.kind, _, n = spec.partition(":")
+        self.step = int(n) if n else -1
+
+    def hit(self, kind: str, step: int) -> None:
+        if self.kind == kind and self.step == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _example_spec(examples) -> dict:
+    ex = examples[0]
+    return jax.tree.map(lambda x: (np.asarray(x).shape, np.asarray(x).dtype), ex,
+                        is_leaf=lambda x: isinstance(x, np.ndarray))
+
+
+def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=None, progress: bool = True,
+        max_steps_this_run: Optional[int] = None) -> RunResult:
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    from seed_story_jax.train.stages import make_task
+
+    t = cfg.train
+    workdir = Path(workdir)
+    primary = jax.process_index() == 0
+    task = task or make_task(cfg)
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = cfg.mesh.rules
+    tx = make_optimizer(t)
+
+    init, graphdef, state_abs, _, state_sh, frozen_sh = S.abstract_setup(
+        task.build, task.trainable, tx, mesh, rules, seed=t.seed, frozen_dtype=t.frozen_dtype)
+    state, frozen = jax.jit(init, out_shardings=(state_sh, frozen_sh))()
+
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.yaml").write_text(dump_config(cfg))
+    mngr = checkpoint_manager(workdir, t.keep, t.async_checkpoint)
+    restored = restore_latest(mngr, S.with_shardings(state_abs, state_sh))
+
+    spec = _example_spec(task.examples)
+    b = t.batch_size
+    batch_sh = jax.tree.map(lambda s: R.batch_sharding(mesh, (b,) + s[0], rules), spec,
+                            is_leaf=lambda x: isinstance(x, tuple))
+    rows = D.local_rows(jax.tree.leaves(batch_sh)[0], b)
+    it = D.batch_iterator(task.examples, b, rows, seed=t.seed)
+    if restored is not None:
+        start, state, data_state = restored
+        it.set_state(data_state)
+        print(f"train: resumed from {workdir / 'checkpoints' / str(start)}", file=sys.stderr)
+    else:
+        start = 0
+        if t.init:
+            _overlay_init(t.init, state, frozen, state_sh, frozen_sh)
+    last_ckpt = start if restored is not None else None
+
+    step_fn = jit_train_step(
+        make_train_step(graphdef, task.loss_fn, tx, grad_accum=t.grad_accum, lr_fn=lr_schedule(t), mesh=mesh,
+                        batch_spec=jax.tree.leaves(batch_sh)[0].spec[:1] or (None,)),
+        state_sh, frozen_sh, batch_sh, mesh)
+
+    writer = MetricsWriter(workdir, enabled=primary)
+    stop = {"signal": False}
+    old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("signal", True)) \
+        if _main_thread() else None
+    fault = _Fault()
+    n_dev = mesh.devices.size
+    peak = peak_flops(mesh.devices.flat[0])
+    end = t.steps if max_steps_this_run is None else min(t.steps, start + max_steps_this_run)
+    bar = tqdm(total=t.steps, initial=start, disable=not (progress and primary), desc="train", unit="step",
+               dynamic_ncols=True)
+    status = "done"
+
+    def save(step: int) -> None:
+        nonlocal last_ckpt
+        if last_ckpt == step:
+            return
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                data=ocp.args.JsonSave(_jsonable(it.get_state()))))
+        last_ckpt = step
+        fault.hit("kill_in_save", step)
+
+    def check_finite(step: int) -> None:
+        # A non-finite step leaves state.step behind the loop's count (see step.py).
+        if int(jax.device_get(state.step)) != step:
+            mngr.wait_until_finished()
+            raise TrainingDiverged(
+                f"non-finite loss or gradient norm before step {step}; stopped without saving. "
+                f"Last good checkpoint: {last_ckpt if last_ckpt is not None else 'none'} "
+                f"in {workdir / 'checkpoints'}")
+
+    try:
+        window_t, window_steps = time.perf_counter(), 0
+        step = start
+        while step < end:
+            batch = D.to_global(next(it), batch_sh, rows, b)
+            state, metrics = step_fn(state, frozen, batch)
+            step += 1
+            window_steps += 1
+            bar.update(1)
+            fault.hit("kill_at", step)
+            if step % t.log_every == 0 or step == end:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                check_finite(step)
+                dt = time.perf_counter() - window_t
+                m["step_time"] = dt / window_steps
+                m["examples_per_s"] = window_steps * b / dt
+                if task.tokens_per_example:
+                    m["tokens_per_s"] = m["examples_per_s"] * task.tokens_per_example
+                if task.flops_per_example and peak:
+                    m["mfu"] = m["examples_per_s"] * task.flops_per_example / (n_dev * peak)
+                writer.write(step, m)
+                bar.set_postfix(loss=f"{m['loss']:.4f}")
+                window_t, window_steps = time.perf_counter(), 0
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                check_finite(step)
+                save(step)
+            if _agree(stop["signal"], step, t.log_every):
+                check_finite(step)
+                save(step)
+                status = "preempted"
+                print(f"train: SIGTERM: saved step {step}; rerun the same command to resume", file=sys.stderr)
+                break
+        else:
+            if step < t.steps:
+                check_finite(step)
+                save(step)
+                status = "stopped"
+        mngr.wait_until_finished()
+    finally:
+        bar.close()
+        writer.close()
+        mngr.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    return RunResult(status=status, step=step, last_checkpoint=last_ckpt)
+
+
+def _overlay_init(path: str, state, frozen, state_sh, frozen_sh) -> None:
+    from seed_story_jax.checkpoint import components_of, load_component
+
+    setup = S.Setup(graphdef=None, state=state, frozen=frozen, state_shardings=state_sh,
+                    frozen_shardings=frozen_sh, n_trainable=0, n_frozen=0)
+    for comp in components_of(path):
+        if comp in state.params or comp in frozen:
+            S.overlay_params(setup, comp, load_component(path, comp))
+
+
+def _jsonable(x):
+    if isinstance(x, bytes):
+        return {"__bytes__": x.decode()}
+    return x
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _agree(flag: bool, step: int, every: int) -> bool:
+    """Every process stops at the same step: single process checks each step; several agree
+    (all-gather) every `every` steps."""
+    if jax.process_count() == 1:
+        return flag
+    if step % every:
+        return False
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))

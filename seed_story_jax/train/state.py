@@ -1,0 +1,128 @@
+"""The train state and its sharded initialisation.
+
+    TrainState(step, params, opt_state, rng)   params: the trainable parameters (fp32 master copy)
+    frozen                                     everything else the model holds (pure dict)
+
+Both are built by one `jit` whose `out_shardings` come from the parameters' logical names, so each
+device creates only its own shards: the full model never exists on one host. Params trees are pure
+nested dicts (`nnx.State.to_pure_dict()` layout), which orbax saves and `nnx.merge` accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from seed_story_jax.nn.params import dtype_of
+from seed_story_jax.train import rules as R
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: Any  # int32 scalar: optimizer updates done
+    params: Any  # trainable params, fp32
+    opt_state: Any
+    rng: Any  # uint32 raw key data (checkpointable); typed inside the step
+
+
+@dataclasses.dataclass
+class Setup:
+    graphdef: Any
+    state: TrainState
+    frozen: dict
+    state_shardings: TrainState
+    frozen_shardings: dict
+    n_trainable: int
+    n_frozen: int
+
+
+def trainable_filter(predicate: Callable[[tuple], bool]):
+    return nnx.All(nnx.Param, lambda path, _: predicate(tuple(path)))
+
+
+def _cast_floating(tree, dtype):
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _split(model, predicate):
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(predicate), ...)
+    return graphdef, trainable, frozen
+
+
+def abstract_setup(build: Callable[[nnx.Rngs], nnx.Module], predicate, tx, mesh, rules, *, seed: int = 0,
+                   frozen_dtype: str = ""):
+    """(init function, graphdef, abstract TrainState, abstract frozen, their shardings) without
+    allocating anything."""
+    fdtype = dtype_of(frozen_dtype) if frozen_dtype else None
+
+    def make_model():
+        with nnx.use_eager_sharding(False):
+            return build(nnx.Rngs(seed))
+
+    def init():
+        graphdef, trainable, frozen = _split(make_model(), predicate)
+        params = _cast_floating(trainable.to_pure_dict(), jnp.float32)
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                           rng=jax.random.key_data(jax.random.key(seed + 1)))
+        return state, _cast_floating(frozen.to_pure_dict(), fdtype)
+
+    abstract_model = nnx.eval_shape(make_model)
+    graphdef, tr_abs, fr_abs = _split(abstract_model, predicate)
+    param_sh = R.state_shardings(tr_abs, mesh, rules)
+    frozen_sh = R.state_shardings(fr_abs, mesh, rules)
+    state_abs, frozen_abs = jax.eval_shape(init)
+    rep = R.replicated(mesh)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, state_abs.opt_state, param_sh,
+                                   transform_non_params=lambda _: rep,
+                                   is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
+    return init, graphdef, state_abs, frozen_abs, state_sh, frozen_sh
+
+
+def create(build, predicate, tx, mesh, rules, *, seed: int = 0, frozen_dtype: str = "") -> Setup:
+    """Initialise the sharded train state (random init from `seed`)."""
+    init, graphdef, state_abs, frozen_abs, state_sh, frozen_sh = abstract_setup(
+        build, predicate, tx, mesh, rules, seed=seed, frozen_dtype=frozen_dtype)
+    state, frozen = jax.jit(init, out_shardings=(state_sh, frozen_sh))()
+    count = lambda t: int(sum(x.size for x in jax.tree.leaves(t)))  # noqa: E731
+    return Setup(graphdef=graphdef, state=state, frozen=frozen, state_shardings=state_sh,
+                 frozen_shardings=frozen_sh, n_trainable=count(state_abs.params), n_frozen=count(frozen_abs))
+
+
+def with_shardings(abstract, shardings):
+    """ShapeDtypeStructs carrying the target shardings (orbax restores straight into them)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
+def overlay_params(setup: Setup, component: str, params: dict) -> None:
+    """Replace `component`'s params (a pure dict, e.g. from `checkpoint.load_component`) in the
+    trainable and frozen trees of `setup`, each leaf resharded and cast to the tree it lands in."""
+
+    def walk(src, trainable, frozen, t_sh, f_sh):
+        for k, v in src.items():
+            key = k if (trainable and k in trainable) or (frozen and k in frozen) else _int_key(k)
+            t, f = (trainable or {}).get(key), (frozen or {}).get(key)
+            if isinstance(v, dict):
+                walk(v, t, f, (t_sh or {}).get(key), (f_sh or {}).get(key))
+            elif t is not None:
+                trainable[key] = jax.device_put(jnp.asarray(v, t.dtype), t_sh[key])
+            elif f is not None:
+                frozen[key] = jax.device_put(jnp.asarray(v, f.dtype), f_sh[key])
+
+    walk(params, setup.state.params.get(component), setup.frozen.get(component),
+         setup.state_shardings.params.get(component), setup.frozen_shardings.get(component))
+
+
+def _int_key(k):
+    try:
+        return int(k)
+    except (TypeError, ValueError):
+        return k
