@@ -6,6 +6,7 @@ decode), not as `tfds.features.Image` (which needs TF). Layout of a build direct
 
     OUT/story_stream/1.0.0/            the tfds dataset (dataset_info.json, *.array_record-*)
     OUT/build_report.json              what was kept and dropped, and why; the fingerprint
+    OUT/problems.jsonl                 every skipped line or image: reason, jsonl file, line, message
 """
 
 from __future__ import annotations
@@ -166,6 +167,9 @@ def build(jsonl, images, out, *, split: str = "train", chunk: int = 10, limits: 
                 "fingerprint": builder.info.metadata["fingerprint"], "report": report.to_dict(),
             }
             (Path(tmp) / "build_report.json").write_text(json.dumps(info, indent=2))
+            with open(Path(tmp) / "problems.jsonl", "w") as f:
+                for prob in report.problems:
+                    f.write(json.dumps(prob) + "\n")
     finally:
         if bar is not None:
             bar.close()

@@ -43,6 +43,7 @@ class BadData(DataError):
         where = f"{file}:{line}" if line is not None else (str(file) if file else "")
         super().__init__(f"{where}: {reason}: {message}" if where else f"{reason}: {message}")
         self.reason = reason
+        self.detail = message
         self.file = file
         self.line = line
 
@@ -76,6 +77,7 @@ class DropReport:
     dropped_images: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     dropped_chunks: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     examples: list = dataclasses.field(default_factory=list)  # first few messages, for the summary
+    problems: list = dataclasses.field(default_factory=list)  # every problem (reason, file, line, message)
 
     def __post_init__(self):
         if self.on_error not in ("skip", "fail"):
@@ -88,6 +90,8 @@ class DropReport:
         counter[err.reason] += 1
         if len(self.examples) < 20:
             self.examples.append(str(err))
+        self.problems.append({"reason": err.reason, "file": str(err.file) if err.file else None,
+                              "line": err.line, "message": str(err)})
         log.warning("skipped: %s", err)
 
     @property
@@ -280,7 +284,7 @@ def check_story(story: Story, root, limits: ImageLimits) -> CheckedStory:
         try:
             data, h, w = load_image(root, rel, limits)
         except BadData as e:
-            problems.append((e.reason, str(e)))
+            problems.append((e.reason, e.detail))
             continue
         images.append(data)
         sizes.append((h, w))

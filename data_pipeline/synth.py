@@ -5,7 +5,7 @@ Written in the StoryStream layout so `seed-story data build` ingests them like t
     OUT/train.jsonl     {"id", "images": [rel paths], "captions": [...], "orders": [...]} per story
     OUT/val.jsonl       (with --val-stories)
     OUT/images/<id>/<id>_<frame>.png
-    OUT/truth.jsonl     per story: per frame the scene and each visible character (name, shape,
+    OUT/truth.json      per story: per frame the scene and each visible character (name, shape,
                         colour, centre, bbox in [0, 1] image coordinates, size, mood, draw order)
     OUT/synth.json      the arguments, so a set can be regenerated bit for bit
 
@@ -137,15 +137,16 @@ class _Story:
             if c.up:
                 c.up = False
                 sentences.append(f"{c.name} lands.")
-        events = ["move", "move", "meet", "jump", "grow", "shrink", "mood", "mood", "scene"]
-        if away:
-            events += ["enter", "enter"]
-        if len(here) > 2:
-            events.append("leave")
         for _ in range(1 + int(rng.random() < 0.35)):
+            events = ["move", "move", "meet", "jump", "grow", "shrink", "mood", "mood", "scene"]
+            if away:
+                events += ["enter", "enter"]
+            if len(here) > 2:
+                events.append("leave")
             ev = events[rng.integers(len(events))]
             sentences.append(self._event(ev))
             here = self.here()
+            away = [c for c in self.chars if not c.present]
         names = _join(c.name for c in sorted(here, key=lambda c: c.slot))
         sentences.append(f"Now {names} {'is' if len(here) == 1 else 'are'} in the {self.scene}.")
         return " ".join(s for s in sentences if s)
@@ -195,7 +196,7 @@ class _Story:
             choices = [s for s in SCENES if s != self.scene]
             self.scene = choices[rng.integers(len(choices))]
             return f"Everyone goes to the {self.scene}."
-        if ev == "enter":
+        if ev == "enter" and any(not o.present for o in self.chars):
             away = [o for o in self.chars if not o.present]
             o = away[rng.integers(len(away))]
             side = int(rng.integers(2))
@@ -335,7 +336,7 @@ def write_synthetic(out, *, stories: int, frames: int = 10, size: int = 64, seed
         tmp = Path(tmp)
         (tmp / "images").mkdir()
         files = {"train": open(tmp / "train.jsonl", "w"), "val": open(tmp / "val.jsonl", "w") if val_stories else None}
-        truth_f = open(tmp / "truth.jsonl", "w")
+        truth = []
         try:
             for i in tqdm(range(total), desc="synth stories", disable=not progress):
                 split = "train" if i < stories else "val"
@@ -349,27 +350,25 @@ def write_synthetic(out, *, stories: int, frames: int = 10, size: int = 64, seed
                     rels.append(rel)
                 files[split].write(json.dumps({"id": i, "images": rels, "captions": captions,
                                                "orders": list(range(frames))}) + "\n")
-                truth_f.write(json.dumps({"id": i, "split": split, "size": size, "images": rels,
-                                          "frames": truths}) + "\n")
+                truth.append({"id": i, "split": split, "images": rels, "frames": truths})
         finally:
             for f in files.values():
                 if f is not None:
                     f.close()
-            truth_f.close()
         summary = {"stories": stories, "val_stories": val_stories, "frames": frames, "size": size, "seed": seed,
                    "images": total * frames}
         (tmp / "synth.json").write_text(json.dumps(summary, indent=2))
+        # Not *.jsonl: `data build --jsonl OUT` reads every *.jsonl below OUT.
+        (tmp / "truth.json").write_text(json.dumps({"size": size, "stories": truth}))
     return summary
 
 
 def load_truth(out) -> dict:
-    """image relative path → that frame's truth dict (as written to truth.jsonl)."""
+    """image relative path → that frame's truth dict (as written to truth.json)."""
     table = {}
-    with open(Path(out) / "truth.jsonl") as f:
-        for line in f:
-            rec = json.loads(line)
-            for rel, fr in zip(rec["images"], rec["frames"]):
-                table[rel] = fr
+    for rec in json.loads((Path(out) / "truth.json").read_text())["stories"]:
+        for rel, fr in zip(rec["images"], rec["frames"]):
+            table[rel] = fr
     return table
 
 
