@@ -112,6 +112,7 @@ class ViTConfig:
     output_dim: int = 4096
     n_queries: int = 256
     pool_heads: int = 32
+    pos_grid: int = 16  # the learned position table's grid (Qwen hard-codes 16×16), resized to the patch grid
     ln_eps: float = 1e-6
     param_dtype: str = "float32"
     dtype: str = "float32"
@@ -122,6 +123,8 @@ class ViTConfig:
         _check(self.image_size % self.patch_size == 0, f"{where}: image_size must be a multiple of patch_size")
         _check(self.width % self.heads == 0, f"{where}: width must be divisible by heads")
         _check(self.output_dim % self.pool_heads == 0, f"{where}: output_dim must be divisible by pool_heads")
+        _check(self.output_dim % 4 == 0, f"{where}.output_dim must be a multiple of 4 (2-D sin-cos table)")
+        _check(self.pos_grid > 0, f"{where}.pos_grid must be > 0")
         g = int(round(self.n_queries ** 0.5))
         _check(g * g == self.n_queries, f"{where}.n_queries must be a square, got {self.n_queries}")
         _check(self.param_dtype in DTYPES and self.dtype in DTYPES, f"{where}: dtypes must be in {DTYPES}")
