@@ -331,6 +331,42 @@ class CacheConfig:
                f"{where}: capacity must exceed sink_capacity")
 
 
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """StoryStream records → SEED-Story training batches (spec §5.1–5.2). Owner: data_pipeline/."""
+
+    path: str = ""  # directory written by `seed-story data build`
+    split: str = "train"
+    stage: int = 2  # 1: single frames + SDXL target; 2: MLLM SFT (ViT squash); 3: keep-ratio ViT + SDXL target
+    max_length: int = 1280  # samples with len(input_ids) >= max_length are dropped (the original's rule)
+    num_img_tokens: int = 64  # <img_xxxxx> tokens per image (64 full size; tiny models use fewer)
+    max_images: int = 10  # image slots per sample (static shapes); a record's frames beyond it are unused
+    image_size: int = 448  # ViT input side
+    sd_size: int = 1024  # SDXL target side (stages 1 and 3)
+    batch_size: int = 30  # per process
+    shuffle_seed: int = 42
+    num_epochs: Optional[int] = None  # None: repeat forever
+    workers: int = 2  # grain worker processes (0: in the main process)
+    worker_buffer_size: int = 2
+    chunk: int = 10  # frames per record when building (StoryStream chunk_data.py)
+    min_resolution: int = 128  # build-time filter: both sides >= this
+    min_aspect: float = 0.2  # build-time filter: min_aspect <= h/w <= 1/min_aspect
+
+    def validate(self, where: str = "data") -> None:
+        _check(self.stage in (1, 2, 3), f"{where}.stage must be 1, 2 or 3, got {self.stage}")
+        _check(self.max_images >= 2, f"{where}.max_images must be >= 2 (one input + one target)")
+        _check(self.num_img_tokens >= 1, f"{where}.num_img_tokens must be >= 1")
+        _check(self.max_length > 2 * (self.num_img_tokens + 2) + 2,
+               f"{where}.max_length ({self.max_length}) cannot hold two images of {self.num_img_tokens} tokens")
+        _check(self.batch_size >= 1, f"{where}.batch_size must be >= 1")
+        _check(self.chunk >= 2, f"{where}.chunk must be >= 2")
+        _check(0.0 < self.min_aspect <= 1.0, f"{where}.min_aspect must be in (0, 1]")
+        _check(self.min_resolution >= 1, f"{where}.min_resolution must be >= 1")
+        _check(self.workers >= 0, f"{where}.workers must be >= 0")
+        _check(0 <= self.shuffle_seed < 2**32, f"{where}.shuffle_seed must be a 32-bit unsigned integer")
+        _check(self.num_epochs is None or self.num_epochs >= 1, f"{where}.num_epochs must be >= 1 or null")
+
+
 TRAINABLE_PRESETS = ("full", "lora", "kv", "unet")
 
 
@@ -444,6 +480,7 @@ class SeedStoryConfig:
     detokenizer: Optional[DetokenizerConfig] = None
     mllm: Optional[MLLMConfig] = None
     cache: Optional[CacheConfig] = None
+    data: Optional[DataConfig] = None
     train: Optional[TrainConfig] = None
     mesh: MeshConfig = MeshConfig()
     name: str = ""
