@@ -151,7 +151,7 @@ class KeepSample(grain.FilterTransform):
 class LoaderOptions:
     read_threads: int = 2  # per worker; records are small, decoding is the cost
     read_prefetch: int = 16  # records read ahead per worker
-    drop_remainder_shard: bool = False  # True: every process gets the same number of records
+    drop_remainder_shard: bool = True  # finite epochs: every process gets len // count positions
 
 
 def make_loader(data_cfg, tokenizer, *, path=None, split: Optional[str] = None,
@@ -169,7 +169,10 @@ def make_loader(data_cfg, tokenizer, *, path=None, split: Optional[str] = None,
     epochs = data_cfg.num_epochs if num_epochs == "config" else num_epochs
     shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count,
                                drop_remainder=options.drop_remainder_shard)
-    sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=True,
+    # The sampler walks one global shuffled stream; process p takes positions p, p + count, ...
+    # (the DataLoader's sharding). So processes are disjoint and together cover every epoch, and a
+    # record's rng (seed + global position) — hence its g — does not depend on the process count.
+    sampler = grain.IndexSampler(num_records=len(source), shard_options=grain.NoSharding(), shuffle=True,
                                  num_epochs=epochs, seed=data_cfg.shuffle_seed if seed is None else seed)
     ops = [
         MakeSample(tokenizer, stage=data_cfg.stage, max_length=data_cfg.max_length,
