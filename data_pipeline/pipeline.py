@@ -55,10 +55,13 @@ def decode_image(data: bytes):
 
 
 class Transforms:
-    """The image transforms of a stage (spec §1.3), from seed_story_jax.transforms."""
+    """The image transforms of a stage (spec §1.3), from seed_story_jax.transforms: ViT squash 448
+    (stage 2), ViT keep-ratio 448 (stages 1, 3), SDXL 1024 crop + time ids (stages 1, 3; stage 3
+    with the original's swapped crop offsets unless quirky_time_ids=False)."""
 
-    def __init__(self, stage: int, image_size: int, sd_size: int):
+    def __init__(self, stage: int, image_size: int, sd_size: int, quirky_time_ids: bool = True):
         self.stage, self.image_size, self.sd_size = stage, image_size, sd_size
+        self.quirky_time_ids = quirky_time_ids and stage == 3
 
     def vit(self, img) -> np.ndarray:
         from seed_story_jax import transforms as T
@@ -69,7 +72,7 @@ class Transforms:
     def sd(self, img) -> tuple[np.ndarray, np.ndarray]:
         from seed_story_jax import transforms as T
 
-        arr, time_ids = T.sdxl_crop_1024(img, size=self.sd_size)
+        arr, time_ids = T.sdxl_crop_1024(img, size=self.sd_size, quirky_time_ids=self.quirky_time_ids)
         return np.asarray(arr, np.float32), np.asarray(time_ids, np.float32).reshape(6)
 
 
@@ -80,7 +83,8 @@ class MakeSample(grain.RandomMapTransform):
     loaded once per worker."""
 
     def __init__(self, tokenizer, *, stage: int, max_length: int, num_img_tokens: int, max_images: int,
-                 image_size: int, sd_size: int, transforms: Optional[Transforms] = None):
+                 image_size: int, sd_size: int, quirky_time_ids: bool = True,
+                 transforms: Optional[Transforms] = None):
         self._tok = tokenizer
         self._tok_obj = None if isinstance(tokenizer, (str, Path)) else tokenizer
         self.stage = stage
@@ -88,7 +92,7 @@ class MakeSample(grain.RandomMapTransform):
         self.num_img_tokens = num_img_tokens
         self.max_images = max_images
         self.image_size = image_size
-        self.transforms = transforms or Transforms(stage, image_size, sd_size)
+        self.transforms = transforms or Transforms(stage, image_size, sd_size, quirky_time_ids)
 
     @property
     def tokenizer(self):
@@ -177,7 +181,8 @@ def make_loader(data_cfg, tokenizer, *, path=None, split: Optional[str] = None,
     ops = [
         MakeSample(tokenizer, stage=data_cfg.stage, max_length=data_cfg.max_length,
                  num_img_tokens=data_cfg.num_img_tokens, max_images=data_cfg.max_images,
-                 image_size=data_cfg.image_size, sd_size=data_cfg.sd_size, transforms=transforms),
+                 image_size=data_cfg.image_size, sd_size=data_cfg.sd_size,
+                 quirky_time_ids=data_cfg.quirky_time_ids, transforms=transforms),
         KeepSample(),
         grain.Batch(batch_size=data_cfg.batch_size, drop_remainder=True),
     ]
@@ -214,3 +219,10 @@ def restore_iterator(iterator, directory):
 
     ckptr = ocp.Checkpointer(grain.PyGrainCheckpointHandler())
     return ckptr.restore(Path(directory).absolute(), args=grain.PyGrainCheckpointRestore(iterator))
+
+
+def close_iterator(iterator) -> None:
+    """Stop an iterator's worker processes now rather than at garbage collection."""
+    close = getattr(getattr(iterator, "_iterator", None), "close", None)
+    if close is not None:
+        close()
