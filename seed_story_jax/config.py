@@ -343,6 +343,7 @@ class DataConfig:
     max_images: int = 10  # image slots per sample (static shapes); a record's frames beyond it are unused
     image_size: int = 448  # ViT input side
     sd_size: int = 1024  # SDXL target side (stages 1 and 3)
+    quirky_time_ids: bool = True  # stage 3: the original's swapped crop offsets in time_ids (spec §5.4)
     batch_size: int = 30  # per process
     shuffle_seed: int = 42
     num_epochs: Optional[int] = None  # None: repeat forever
