@@ -133,7 +133,15 @@ class ViTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """SDXL-family UNet2DConditionModel (spec §4.5). Owner: models/unet.py."""
+    """SDXL-family UNet2DConditionModel (spec §4.5). Owner: models/unet.py.
+
+    Field names follow diffusers' config.json except `num_attention_heads`, which is diffusers'
+    (legacy-named) `attention_head_dim`: the number of heads per block. `transformer_layers_per_block`
+    has one entry per down block: an int, or a tuple with one count per resnet layer (diffusers'
+    asymmetric form, which then needs `reverse_transformer_layers_per_block`: per up block, one count per
+    layer). The mid block uses the last down entry. Transformer GroupNorm eps is 1e-6 and LayerNorm eps
+    1e-5 in diffusers' Transformer2DModel (not configurable there either).
+    """
 
     in_channels: int = 4
     out_channels: int = 4
@@ -141,26 +149,55 @@ class UNetConfig:
     down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
     up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
     layers_per_block: int = 2
-    transformer_layers_per_block: tuple[int, ...] = (1, 2, 10)
+    transformer_layers_per_block: tuple[Any, ...] = (1, 2, 10)
+    reverse_transformer_layers_per_block: Optional[tuple[Any, ...]] = None
     num_attention_heads: tuple[int, ...] = (5, 10, 20)  # diffusers' legacy `attention_head_dim`
     cross_attention_dim: int = 2048
     use_linear_projection: bool = True
-    addition_embed_type: str = "text_time"
+    addition_embed_type: Optional[str] = "text_time"
     addition_time_embed_dim: int = 256
     projection_class_embeddings_input_dim: int = 2816
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    downsample_padding: int = 1
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
     sample_size: int = 128
     param_dtype: str = "float32"
     dtype: str = "float32"
-    remat: str = "none"
+    remat: str = "none"  # per resnet / per transformer stack
+
+    def layers_of(self, entry: Any, n: int) -> tuple[int, ...]:
+        """Per-layer transformer depths of one block entry (int → n copies)."""
+        return (entry,) * n if isinstance(entry, int) else tuple(entry)
 
     def validate(self, where: str = "unet") -> None:
         n = len(self.block_out_channels)
         for name in ("down_block_types", "up_block_types", "transformer_layers_per_block", "num_attention_heads"):
             _check(len(getattr(self, name)) == n, f"{where}.{name} must have {n} entries (one per block)")
+        down_ok = {"DownBlock2D", "CrossAttnDownBlock2D"}
+        up_ok = {"UpBlock2D", "CrossAttnUpBlock2D"}
+        _check(set(self.down_block_types) <= down_ok, f"{where}.down_block_types: each one of {sorted(down_ok)}")
+        _check(set(self.up_block_types) <= up_ok, f"{where}.up_block_types: each one of {sorted(up_ok)}")
+        for i, e in enumerate(self.transformer_layers_per_block):
+            per = self.layers_of(e, self.layers_per_block)
+            _check(len(per) == self.layers_per_block and all(isinstance(x, int) and x >= 1 for x in per),
+                   f"{where}.transformer_layers_per_block[{i}]: an int >= 1 or {self.layers_per_block} of them")
+        nested = any(not isinstance(e, int) for e in self.transformer_layers_per_block)
+        _check(not nested or self.reverse_transformer_layers_per_block is not None,
+               f"{where}: per-layer transformer_layers_per_block needs reverse_transformer_layers_per_block")
+        if self.reverse_transformer_layers_per_block is not None:
+            r = self.reverse_transformer_layers_per_block
+            _check(len(r) == n and all(len(self.layers_of(e, self.layers_per_block + 1)) == self.layers_per_block + 1
+                                       for e in r),
+                   f"{where}.reverse_transformer_layers_per_block: {n} entries of {self.layers_per_block + 1} counts")
+        for c, h in zip(self.block_out_channels, self.num_attention_heads):
+            _check(c % h == 0, f"{where}: block channels {c} not divisible by {h} heads")
+            _check(c % self.norm_num_groups == 0, f"{where}: block channels {c} not divisible by norm_num_groups")
+        _check(self.addition_embed_type in (None, "text_time"), f"{where}.addition_embed_type: text_time or null")
+        _check(self.conv_in_kernel % 2 == 1 and self.conv_out_kernel % 2 == 1, f"{where}: conv kernels must be odd")
         _check(self.param_dtype in DTYPES and self.dtype in DTYPES, f"{where}: dtypes must be in {DTYPES}")
         _check(self.remat in REMAT_POLICIES, f"{where}.remat must be one of {REMAT_POLICIES}")
 
