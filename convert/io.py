@@ -337,9 +337,15 @@ def _safetensors_refs(path: Path) -> tuple[dict[str, _Ref], dict]:
     return refs, meta
 
 
+def _has_specs(m: Mapping) -> bool:
+    """A mapping that can tell shapes and dtypes without producing tensors (LazyStateDict, or any
+    lazy mapping with `shape(key)` and `dtype(key)` methods)."""
+    return callable(getattr(m, "shape", None)) and callable(getattr(m, "dtype", None))
+
+
 def _spec(tensors: Mapping, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    if isinstance(tensors, LazyStateDict):
-        return tensors.shape(key), tensors.dtype(key)
+    if _has_specs(tensors):
+        return tuple(tensors.shape(key)), np.dtype(tensors.dtype(key))
     a = tensors[key]
     return tuple(np.shape(a)), np.dtype(getattr(a, "dtype", np.asarray(a).dtype))
 
@@ -371,8 +377,9 @@ def write_safetensors(
     `path_or_dir`: a `*.safetensors` file name, or a directory (then `model.safetensors` inside it).
     With `max_shard_bytes`, tensors are packed greedily in order into shards named like transformers'
     (`model-00001-of-00003.safetensors`) beside an index `model.safetensors.index.json`; a model that
-    fits in one shard is written unsharded. Values are read once each, in order, so a lazy mapping
-    (a LazyStateDict, a converter's generator-backed Mapping) never holds more than one tensor.
+    fits in one shard is written unsharded. Values are read in order and dropped after writing, so
+    a lazy mapping never holds more than one tensor; one with `shape(key)`/`dtype(key)` methods (like
+    LazyStateDict) is read exactly once per key, others once more to plan the shards.
     """
     target = Path(path_or_dir)
     if target.suffix != ".safetensors":
@@ -753,7 +760,7 @@ def _torch_pickle_bytes(specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> b
 
 def write_torch_pickle(tensors: Mapping[str, Any], path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a torch.save-compatible zip (what `torch.save(state_dict, path)` writes for contiguous
-    tensors) without torch; atomic. Values are read once each, in order."""
+    tensors) without torch; atomic. Values are read in order, one at a time (see write_safetensors)."""
     path = Path(path)
     specs = {str(k): _spec(tensors, k) for k in tensors}
     for k, (_, dt) in specs.items():
@@ -794,12 +801,14 @@ def check_keys(expected: Mapping[str, Optional[tuple]], got: Mapping, file=None,
     """Raise ConversionError unless `got` has exactly the keys of `expected` with those shapes
     (an expected shape of None skips the shape check). The message lists up to `limit` names per kind."""
     def shape_of(k):
-        return tuple(got.shape(k)) if isinstance(got, LazyStateDict) else tuple(np.shape(got[k]))
+        return tuple(got.shape(k)) if _has_specs(got) else tuple(np.shape(got[k]))
 
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
+    have = list(got)  # membership through the key list: a Mapping's `in` may load the tensor
+    have_set = set(have)
+    missing = [k for k in expected if k not in have_set]
+    unexpected = [k for k in have if k not in expected]
     wrong = [(k, tuple(expected[k]), shape_of(k)) for k in expected
-             if k in got and expected[k] is not None and shape_of(k) != tuple(expected[k])]
+             if k in have_set and expected[k] is not None and shape_of(k) != tuple(expected[k])]
     if not (missing or unexpected or wrong):
         return
 

@@ -2,6 +2,7 @@
 library (bit-exact: compared as raw bytes), shards, and every kind of bad input."""
 
 import collections
+import collections.abc
 import json
 import os
 import pickle
@@ -393,3 +394,38 @@ def test_writers_are_atomic_and_refuse_to_overwrite(tmp_path):
     with pytest.raises(ConversionError, match="uint16"):
         cio.write_torch_pickle({"u": np.ones(2, np.uint16)}, tmp_path / "y.bin")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.bin"]
+
+
+def test_lazy_mapping_with_specs_is_read_once_per_key(tmp_path):
+    """A converter's lazy mapping that knows shapes/dtypes produces each tensor exactly once."""
+
+    class Lazy(collections.abc.Mapping):
+        def __init__(self):
+            self.reads = collections.Counter()
+
+        def __getitem__(self, k):
+            self.reads[k] += 1
+            return np.full((8, 8), int(k[1:]), np.float32)
+
+        def __iter__(self):
+            return iter(f"k{i}" for i in range(5))
+
+        def __len__(self):
+            return 5
+
+        def shape(self, k):
+            return (8, 8)
+
+        def dtype(self, k):
+            return np.float32
+
+    m = Lazy()
+    index = cio.write_safetensors(m, tmp_path / "st", max_shard_bytes=600)
+    assert set(m.reads.values()) == {1} and len(m.reads) == 5
+    assert cio.read_state_dict(index)["k3"][0, 0] == 3
+    m.reads.clear()
+    cio.write_torch_pickle(m, tmp_path / "x.bin")
+    assert set(m.reads.values()) == {1}
+    m.reads.clear()
+    cio.check_keys({f"k{i}": (8, 8) for i in range(5)}, m, "lazy")
+    assert not m.reads

@@ -288,3 +288,13 @@ def test_bad_directories(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenizerError, match="tokenizer.model"):
         Tokenizer.load(tmp_path / "empty")
+
+
+def test_tokenizer_pickles_for_data_workers(tiny_dir):
+    import pickle
+
+    tok = Tokenizer.load(tiny_dir)
+    back = pickle.loads(pickle.dumps(tok))
+    for text in TEXTS:
+        assert back.encode(text) == tok.encode(text)
+    assert back.added_tokens == tok.added_tokens and back.pad_id == tok.pad_id
