@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -32,6 +32,7 @@ from seed_story_jax.train import state as S
 from seed_story_jax.train.mesh import make_mesh
 from seed_story_jax.train.metrics import MetricsWriter, peak_flops
 from seed_story_jax.train.optim import lr_schedule, make_optimizer
+from seed_story_jax.profiling import compile_count
 from seed_story_jax.train.step import jit_train_step, make_train_step
 
 
@@ -44,6 +45,7 @@ class RunResult:
     status: str  # "done" | "preempted" | "stopped" (max_steps_this_run reached)
     step: int
     last_checkpoint: Optional[int]
+    state: Any = None  # the final TrainState (sharded jax arrays)
 
 
 def checkpoint_manager(workdir: Path, keep: int, async_save: bool):
@@ -168,6 +170,7 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
     try:
         window_t, window_steps = time.perf_counter(), 0
         step = start
+        compiles_after_first = None
         while step < end:
             batch = D.to_global(next(it), batch_sh, rows, b)
             state, metrics = step_fn(state, frozen, batch)
@@ -175,10 +178,15 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
             window_steps += 1
             bar.update(1)
             fault.hit("kill_at", step)
+            if compiles_after_first is None:
+                jax.block_until_ready(metrics)
+                compiles_after_first = compile_count()
             if step % t.log_every == 0 or step == end:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 check_finite(step)
                 dt = time.perf_counter() - window_t
+                # XLA compilations since the first step: anything but 0 is a retrace (a perf bug)
+                m["compiles"] = compile_count() - compiles_after_first
                 m["step_time"] = dt / window_steps
                 m["examples_per_s"] = window_steps * b / dt
                 if task.tokens_per_example:
@@ -209,7 +217,7 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
         mngr.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-    return RunResult(status=status, step=step, last_checkpoint=last_ckpt)
+    return RunResult(status=status, step=step, last_checkpoint=last_ckpt, state=state)
 
 
 def _overlay_init(path: str, state, frozen, state_sh, frozen_sh) -> None:

@@ -46,10 +46,14 @@ def make_mesh(cfg: MeshConfig, devices: Optional[Sequence] = None):
     n = math.prod(ici) * cfg.dcn_data
     devices = devices[:n]
     if cfg.dcn_data > 1:
-        # Slices are TPU slices when the devices know theirs; otherwise each process is one.
+        # Slices are TPU slices when the devices know theirs; otherwise each process is one. When the
+        # granules do not number dcn_data (e.g. one process), consecutive device groups stand in.
         granule = not hasattr(devices[0], "slice_index")
-        arr = mesh_utils.create_hybrid_device_mesh(
-            ici, (cfg.dcn_data, 1, 1), devices, process_is_granule=granule, allow_split_physical_axes=True)
+        try:
+            arr = mesh_utils.create_hybrid_device_mesh(
+                ici, (cfg.dcn_data, 1, 1), devices, process_is_granule=granule, allow_split_physical_axes=True)
+        except ValueError:
+            arr = np.asarray(devices).reshape((cfg.dcn_data,) + ici).reshape((cfg.dcn_data * ici[0],) + ici[1:])
     elif len(devices) == 1:
         arr = np.asarray(devices).reshape(1, 1, 1)
     else:
