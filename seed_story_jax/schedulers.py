@@ -144,6 +144,23 @@ def sample_timesteps(key: jax.Array, batch: int, cfg: SchedulerConfig) -> jax.Ar
     return jax.random.randint(key, (batch,), 0, cfg.num_train_timesteps, dtype=jnp.int32)
 
 
+@struct.dataclass
+class DDPMNoise:
+    """The training-side table as a pytree, for train steps: `noise.add_noise(x0, eps, t)`."""
+
+    alphas_cumprod: jax.Array  # (num_train_timesteps,) float32
+
+    @classmethod
+    def from_config(cls, cfg: SchedulerConfig) -> "DDPMNoise":
+        return cls(alphas_cumprod=alphas_cumprod(cfg))
+
+    def add_noise(self, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+        return add_noise(self.alphas_cumprod, x0, noise, t)
+
+    def sample_timesteps(self, key: jax.Array, batch: int) -> jax.Array:
+        return jax.random.randint(key, (batch,), 0, self.alphas_cumprod.shape[0], dtype=jnp.int32)
+
+
 # ---------------------------------------------------------------------------------------------
 # diffusers scheduler_config.json ↔ SchedulerConfig
 # ---------------------------------------------------------------------------------------------

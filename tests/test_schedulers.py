@@ -109,12 +109,17 @@ def test_ddpm_add_noise_matches_diffusers():
     # NHWC latents noise the same way (only the batch axis is indexed)
     got_nhwc = np.asarray(S.add_noise(table, x0.transpose(0, 2, 3, 1), noise.transpose(0, 2, 3, 1), t))
     np.testing.assert_allclose(got_nhwc, expected.transpose(0, 2, 3, 1), rtol=RTOL, atol=1e-6)
+    ddpm = S.DDPMNoise.from_config(SDXL)  # the pytree form a train step takes
+    got_tree = jax.jit(lambda d, x, n, t: d.add_noise(x, n, t))(ddpm, x0, noise, t.astype(np.int32))
+    np.testing.assert_array_equal(np.asarray(got_tree), got)
 
 
 def test_sample_timesteps_cover_the_range():
-    t = np.asarray(S.sample_timesteps(jax.random.key(0), 20000, SDXL))
-    assert t.dtype == np.int32 and t.min() == 0 and t.max() == 999
-    assert abs(t.mean() - 499.5) < 10
+    for t in (S.sample_timesteps(jax.random.key(0), 20000, SDXL),
+              S.DDPMNoise.from_config(SDXL).sample_timesteps(jax.random.key(0), 20000)):
+        t = np.asarray(t)
+        assert t.dtype == np.int32 and t.min() == 0 and t.max() == 999
+        assert abs(t.mean() - 499.5) < 10
 
 
 def test_scheduler_config_json_round_trip(tmp_path):

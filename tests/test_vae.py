@@ -137,7 +137,7 @@ def test_round_trip_is_bit_exact_and_loads_in_diffusers(ref, ref_dir, tmp_path, 
     ckpt, out = tmp_path / "ckpt", tmp_path / "out"
     assert CV.detect(ref_dir) and not CV.detect(tmp_path)
     assert cli(["convert", str(ref_dir), str(ckpt), "--kind", "vae", "--verify"]) == 0
-    assert "ok: True" in capsys.readouterr().out.replace("'ok': True", "ok: True")
+    assert "'ok': True" in capsys.readouterr().out  # --verify: torch reference vs port within 1e-4
     assert cli(["convert", str(ckpt), str(out), "--kind", "vae"]) == 0
     a = load_file(ref_dir / "diffusion_pytorch_model.safetensors")
     b = load_file(out / "diffusion_pytorch_model.safetensors")
