@@ -20,6 +20,8 @@ def add_arguments(p) -> None:
     p.add_argument("--base", default=None, help="base model directory (agent: the Llama-2-7b-hf directory; detokenizer: SDXL base)")
     p.add_argument("--keep-lora", action="store_true", help="agent: keep LoRA factors instead of merging them")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory to store with the checkpoint")
+    p.add_argument("--config", default=None,
+                   help="seed-story config (name or YAML) giving sizes the source cannot tell (vit: head counts, image size)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 

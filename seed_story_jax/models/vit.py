@@ -202,9 +202,14 @@ def load(ckpt_dir, *, dtype=None) -> QwenViT:
         raise CheckpointError(f"{ckpt_dir}: config has no `vit` section")
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
+    return from_params(cfg, load_component(ckpt_dir, "vit"))
+
+
+def from_params(cfg: ViTConfig, params: dict) -> QwenViT:
+    """A model holding `params` (a converted or restored tree), built abstractly first so no random
+    init runs."""
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: build(cfg, nnx.Rngs(0)))
-    params = load_component(ckpt_dir, "vit")
     set_params(model, params)
     return model
 
@@ -232,6 +237,24 @@ def make_encoder(model: QwenViT):
         return nnx.merge(graphdef, state)(images)
 
     return functools.partial(run, state)
+
+
+def encode_batches(encoder, images, batch_size: int, *, progress: bool = False) -> np.ndarray:
+    """Features of N images (each (H, W, 3) float32) in batches of `batch_size`; the last batch is
+    padded, so `encoder` (from `make_encoder`) compiles once. Returns (N, n_queries, output_dim) float32."""
+    from tqdm import tqdm
+
+    n = len(images)
+    out = []
+    with tqdm(total=n, unit="img", disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            chunk = np.stack(images[start:start + batch_size]).astype(np.float32)
+            real = chunk.shape[0]
+            if real < batch_size:
+                chunk = np.concatenate([chunk, np.zeros((batch_size - real,) + chunk.shape[1:], np.float32)])
+            out.append(np.asarray(encoder(chunk), np.float32)[:real])
+            bar.update(real)
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def uncond_features(model: QwenViT, batch: int = 1) -> jax.Array:
