@@ -67,6 +67,12 @@ def _make_builder_class():
         # inside a package needs the `importlib_resources` backport.
         code_path = None
 
+        def _log_download_bytes(self):  # tfds' banners; our progress bar and summary say it
+            pass
+
+        def _log_download_done(self):
+            pass
+
         def __init__(self, *, stories=None, image_root=None, split="train", limits=None, workers=0,
                      report=None, progress=None, **kwargs):
             self._stories = stories
