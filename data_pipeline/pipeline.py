@@ -21,6 +21,9 @@ Row-major order of True entries in embeds_cmp_mask matches the k-th group of Tru
 ids_cmp_mask, as in the original's concatenated `images`.
 Stage 1 (de-tokenizer on frames): image (B, S, S, 3), sd_image, time_ids, record_index, frame.
 
+`sample_dataset` gives the same samples as a random-access grain MapDataset (for trainers that index
+global batches by step); it cannot drop, so a too-long sample redraws a smaller g there.
+
 Everything the workers run lives in this importable module (grain pickles it into spawned
 processes); the main process must have absl flags marked parsed (the CLI and conftest do).
 """
@@ -37,6 +40,7 @@ import numpy as np
 
 from data_pipeline.builder import StorySource
 from data_pipeline.samples import build_sample
+from seed_story_jax.errors import DataError
 
 
 def mark_flags_parsed() -> None:
@@ -77,14 +81,19 @@ class Transforms:
 
 
 class MakeSample(grain.RandomMapTransform):
-    """grain RandomMapTransform: record → one training sample (None when dropped for length).
+    """grain RandomMapTransform: record → one training sample.
 
-    `tokenizer` is a Tokenizer object (must pickle when workers > 0) or a tokenizer directory,
-    loaded once per worker."""
+    A sample at >= max_length is dropped (None, as the original) when `too_long="drop"`; random
+    access (sample_dataset) cannot drop, so there `too_long="shorter"` redraws g below the drawn
+    one until the sample fits. `tokenizer` is a Tokenizer object (must pickle when workers > 0) or
+    a tokenizer directory, loaded once per worker."""
 
     def __init__(self, tokenizer, *, stage: int, max_length: int, num_img_tokens: int, max_images: int,
                  image_size: int, sd_size: int, quirky_time_ids: bool = True,
-                 transforms: Optional[Transforms] = None):
+                 transforms: Optional[Transforms] = None, too_long: str = "drop"):
+        if too_long not in ("drop", "shorter"):
+            raise ValueError(f"too_long must be 'drop' or 'shorter', got {too_long!r}")
+        self.too_long = too_long
         self._tok = tokenizer
         self._tok_obj = None if isinstance(tokenizer, (str, Path)) else tokenizer
         self.stage = stage
@@ -119,7 +128,14 @@ class MakeSample(grain.RandomMapTransform):
         g = int(rng.integers(0, n - 1))  # randint(0, n-2) inclusive, as the original
         s = build_sample(record["captions"][:n], g, self.tokenizer, num_img_tokens=self.num_img_tokens,
                          max_length=self.max_length)
+        while s is None and self.too_long == "shorter" and g > 0:
+            g = int(rng.integers(0, g))
+            s = build_sample(record["captions"][:n], g, self.tokenizer, num_img_tokens=self.num_img_tokens,
+                             max_length=self.max_length)
         if s is None:
+            if self.too_long == "shorter":
+                raise DataError(f"record {record['key']}: even 2 images and captions need >= max_length "
+                                f"({self.max_length}) tokens")
             return None  # too long: dropped before any image is decoded
         used = [decode_image(b) for b in record["images"][:g + 2]]
         first = self.transforms.vit(used[0])
@@ -193,6 +209,20 @@ def make_loader(data_cfg, tokenizer, *, path=None, split: Optional[str] = None,
         read_options=grain.ReadOptions(num_threads=options.read_threads,
                                        prefetch_buffer_size=options.read_prefetch),
     )
+
+
+def sample_dataset(data_cfg, tokenizer, *, path=None, split: Optional[str] = None, epochs: int = 1,
+                   seed: Optional[int] = None, transforms: Optional[Transforms] = None) -> grain.MapDataset:
+    """Random-access samples (no batching, no workers) for step-indexed trainers: `epochs` passes over
+    the records, each shuffled differently and with g drawn afresh from the element's seeded rng.
+    Too-long samples redraw a smaller g instead of being dropped (random access cannot drop)."""
+    seed = data_cfg.shuffle_seed if seed is None else seed
+    source = StorySource(path or data_cfg.path, split or data_cfg.split)
+    make = MakeSample(tokenizer, stage=data_cfg.stage, max_length=data_cfg.max_length,
+                      num_img_tokens=data_cfg.num_img_tokens, max_images=data_cfg.max_images,
+                      image_size=data_cfg.image_size, sd_size=data_cfg.sd_size,
+                      quirky_time_ids=data_cfg.quirky_time_ids, transforms=transforms, too_long="shorter")
+    return grain.MapDataset.source(source).shuffle(seed=seed).random_map(make, seed=seed).repeat(epochs)
 
 
 def make_iterator(data_cfg, tokenizer, **kwargs):

@@ -180,3 +180,25 @@ def test_processes_see_disjoint_records_that_cover_the_set(data):
     # Uneven split (24 records, 5 processes): equal shares, disjoint; the epoch's last 4 are left.
     parts = [{r for r, _ in seen(i, 5)} for i in range(5)]
     assert all(len(p) == 4 for p in parts) and len(set().union(*parts)) == 20
+
+
+def test_sample_dataset_random_access(data):
+    cfg, tok, src, _ = data
+    ds = pipeline.sample_dataset(cfg, tok, epochs=2)
+    assert len(ds) == 2 * N_STORIES
+    again = pipeline.sample_dataset(cfg, tok, epochs=2)
+    per_epoch = [[], []]
+    for i in range(0, 2 * N_STORIES, 5):
+        x = ds[i]
+        _assert_same(x, again[i])
+        rec = src[int(x["record_index"])]
+        s = build_sample(rec["captions"], int(x["g"]), tok, num_img_tokens=4, max_length=cfg.max_length)
+        np.testing.assert_array_equal(x["input_ids"], s.input_ids)
+    for e in range(2):
+        per_epoch[e] = [(int(ds[e * N_STORIES + i]["record_index"]), int(ds[e * N_STORIES + i]["g"]))
+                        for i in range(N_STORIES)]
+        assert sorted(r for r, _ in per_epoch[e]) == list(range(N_STORIES))
+    assert per_epoch[0] != per_epoch[1]  # reshuffled, g redrawn
+    short = pipeline.sample_dataset(dataclasses.replace(cfg, max_length=160), tok)
+    lengths = [int(short[i]["attention_mask"].sum()) for i in range(N_STORIES)]
+    assert max(lengths) < 160
