@@ -219,10 +219,14 @@ def read_stories(files: Iterable[Path], chunk: int, report: DropReport) -> Itera
 def resolve_image(root: str | os.PathLike, rel: str) -> Path:
     """The file `rel` names under `root`; refuses absolute paths and anything resolving outside
     the root (`..`, symlinks pointing out)."""
-    if not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+    drive = len(rel) > 1 and rel[0].isalpha() and rel[1] == ":" and (len(rel) == 2 or rel[2] in "/\\")
+    if not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")) or drive:
         raise BadData("path_escape", f"image path {rel!r} is absolute or empty")
     root_r = Path(root).resolve()
-    target = (root_r / rel).resolve()
+    try:
+        target = (root_r / rel).resolve()
+    except (ValueError, OSError) as e:  # embedded NUL, symlink loops, over-long names
+        raise BadData("missing_image", f"image path {rel!r} cannot be resolved ({e})") from None
     if not target.is_relative_to(root_r):
         raise BadData("path_escape", f"image path {rel!r} resolves outside the image root {root_r}")
     return target

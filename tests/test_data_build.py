@@ -227,6 +227,9 @@ def test_every_reason_and_path_escape(tmp_path):
             ss.resolve_image(root, rel)
         assert e.value.reason == "path_escape"
     assert ss.resolve_image(root, "s/../s/1.png") == (root / "s/1.png").resolve()
+    with pytest.raises(ss.BadData) as e:
+        ss.resolve_image(root, "s/\0.png")
+    assert e.value.reason == "missing_image"
 
 
 def test_on_error_fail_names_file_and_line_and_writes_nothing(stories, tmp_path):
