@@ -163,7 +163,7 @@ def build(jsonl, images, out, *, split: str = "train", chunk: int = 10, limits: 
             builder = builder_class()(
                 stories=ss.read_stories(files, chunk, report), image_root=root, split=split, limits=limits,
                 workers=workers, report=report, progress=bar, data_dir=str(tmp), file_format="array_record")
-            with _quiet_tfds(tfds):
+            with _quiet_tfds(tfds), _log_above_bar(bar):
                 builder.download_and_prepare()
             shutil.rmtree(Path(tmp) / "downloads", ignore_errors=True)
             info = {
@@ -180,6 +180,36 @@ def build(jsonl, images, out, *, split: str = "train", chunk: int = 10, limits: 
         if bar is not None:
             bar.close()
     return report
+
+
+class _log_above_bar:
+    """Skip messages go to stderr above the progress bar (not through it), once."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __enter__(self):
+        import logging
+        import sys
+
+        bar = self.bar
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                msg = f"{record.levelname.lower()}: {record.getMessage()}"
+                if bar is not None:
+                    bar.write(msg, file=sys.stderr)
+                else:
+                    print(msg, file=sys.stderr)
+
+        self.handler = Handler(logging.WARNING)
+        self.propagate = ss.log.propagate
+        ss.log.addHandler(self.handler)
+        ss.log.propagate = False
+
+    def __exit__(self, *exc):
+        ss.log.removeHandler(self.handler)
+        ss.log.propagate = self.propagate
 
 
 class _quiet_tfds:

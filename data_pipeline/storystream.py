@@ -246,7 +246,9 @@ def check_image_bytes(data: bytes, limits: ImageLimits, name: str = "") -> tuple
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             w, h = im.size
-    except Exception as e:  # PIL raises many types for bad files
+    except Image.UnidentifiedImageError:
+        raise BadData("undecodable_image", f"{name}: not an image format PIL recognises") from None
+    except Exception as e:  # PIL raises many types for truncated or corrupt files
         raise BadData("undecodable_image", f"{name}: cannot decode ({type(e).__name__}: {e})") from None
     if h < limits.min_resolution or w < limits.min_resolution:
         raise BadData("too_small", f"{name}: {w}x{h} is below the minimum side {limits.min_resolution}")
