@@ -28,6 +28,7 @@ from flax import nnx
 from seed_story_jax import cache as kvc
 
 LogitsProcessor = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+Observer = Callable  # (obs, token_in, hidden_in, token_out, step) -> obs; see decode_loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +107,14 @@ def step(graphdef, state, token, cache):
 
 
 def decode_loop(graphdef, state, logits, last, cache, key, temperature, top_k, top_p, eos, pad, *,
-                max_new: int, greedy: bool, processor: Optional[LogitsProcessor]):
-    """Sample max_new tokens starting from `logits` (the prompt's next-token logits)."""
+                max_new: int, greedy: bool, processor: Optional[LogitsProcessor],
+                observer: Optional[Observer] = None, obs=None):
+    """Sample max_new tokens starting from `logits` (the prompt's next-token logits).
+
+    With an `observer`, its state `obs` (a pytree) rides in the loop carry: after each step,
+    `obs = observer(obs, token_in (B,), hidden_in (B, E), token_out (B,), i)` sees the token fed,
+    its final-norm hidden state and the token recorded from it (pad once a row is done), and the
+    result is (tokens, counts, cache, obs) instead of (tokens, counts, cache)."""
     b = logits.shape[0]
 
     def pick(logits, last, out, i):
@@ -129,18 +136,21 @@ def decode_loop(graphdef, state, logits, last, cache, key, temperature, top_k, t
     tok, out, done, count = record(tok, out, done, count, 0)
 
     def cond(c):
-        i, _, _, _, done, _ = c
+        i, _, _, _, done, _, _ = c
         return (i < max_new) & ~jnp.all(done)
 
     def body(c):
-        i, tok, cache, out, done, count = c
-        logits, _, cache = step(graphdef, state, tok, cache)
+        i, tok, cache, out, done, count, obs = c
+        logits, hidden, cache = step(graphdef, state, tok, cache)
         nxt = pick(logits, tok, out, i)
         nxt, out, done, count = record(nxt, out, done, count, i)
-        return i + 1, nxt, cache, out, done, count
+        if observer is not None:
+            obs = observer(obs, tok, hidden, nxt, i)
+        return i + 1, nxt, cache, out, done, count, obs
 
-    _, _, cache, out, _, count = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, out, done, count))
-    return out, count, cache
+    _, _, cache, out, _, count, obs = jax.lax.while_loop(
+        cond, body, (jnp.int32(1), tok, cache, out, done, count, obs))
+    return (out, count, cache) if observer is None else (out, count, cache, obs)
 
 
 # ------------------------------------------------------------------------------ driver
