@@ -11,19 +11,18 @@ import json
 import math
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flax import nnx
 
 from convert import io as cio
 from convert import vit as CV
 from convert.torch_ref import qwen_vit as R
 from seed_story_jax import cli
-from seed_story_jax.config import ViTConfig, dump_config, SeedStoryConfig, load_config, CONFIG_DIR
+from seed_story_jax.checkpoint import read_config
+from seed_story_jax.config import CONFIG_DIR, SeedStoryConfig, ViTConfig, dump_config, load_config
 from seed_story_jax.models import vit as V
 
 TOL = 1e-5
@@ -85,6 +84,17 @@ def test_matches_torch_reference(tiny, scan, remat):
     got = np.asarray(V.make_encoder(model)(x))
     assert got.shape == (2, 16, 128)
     assert _rel(got, want) <= TOL
+
+
+def test_bf16_scan_as_in_the_shipped_config(tiny):
+    """bf16 params and compute, scanned blocks (configs/qwen-vit-g.yaml): runs, returns bf16, and stays
+    close to the fp32 reference (bf16 has 8 mantissa bits: 3e-2 relative)."""
+    ref, sd, x, want = tiny
+    cfg = dataclasses.replace(TINY, param_dtype="bfloat16", dtype="bfloat16", scan_layers=True)
+    params = CV.from_torch(sd, cfg)
+    assert params["blocks"]["q_proj"]["kernel"].dtype == ml_dtypes.bfloat16
+    got = V.make_encoder(_model(cfg, params))(x)
+    assert got.dtype == jax.numpy.bfloat16 and _rel(np.asarray(got, np.float32), want) <= 3e-2
 
 
 def test_in_proj_split_is_per_head(tiny):
@@ -209,7 +219,8 @@ def test_cli_round_trip_is_bit_exact(tmp_path, tiny, dtype):
     cio.write_torch_pickle(sd, src)
     assert CV.detect(src)
     ckpt, back = tmp_path / "ckpt", tmp_path / "back.pt"
-    args = ["convert", str(src), str(ckpt), "--config", _config_file(tmp_path)]
+    cfg = dataclasses.replace(TINY, scan_layers=dtype != np.float16)  # both params layouts through orbax
+    args = ["convert", str(src), str(ckpt), "--config", _config_file(tmp_path, cfg)]
     if dtype == np.float16:
         args.append("--verify")  # torch reference on the source vs the port on the checkpoint, fp32
     assert cli.main(args) == 0
@@ -223,6 +234,13 @@ def test_cli_round_trip_is_bit_exact(tmp_path, tiny, dtype):
     # The converted half-precision model still computes the same function (in fp32 compute).
     model = V.load(ckpt, dtype="float32")
     assert _rel(V.make_encoder(model)(x), _run_torch(R.load_state_dict(R.from_config(TINY), sd), x)) <= 1e-2
+
+
+def test_bare_state_dict_needs_a_config_unless_it_is_the_released_model(tmp_path, tiny, capsys):
+    src = tmp_path / "tiny.pt"
+    cio.write_torch_pickle(tiny[1], src)
+    assert cli.main(["convert", str(src), str(tmp_path / "ckpt")]) == 2
+    assert "--config" in capsys.readouterr().err and not (tmp_path / "ckpt").exists()
 
 
 @pytest.mark.parametrize("edit,needle", [
@@ -280,6 +298,8 @@ def test_qwen_vl_chat_directory_is_accepted(tmp_path, tiny, fmt):
     assert CV.detect(root)
     ckpt = tmp_path / "ckpt"
     assert cli.main(["convert", str(root), str(ckpt)]) == 0  # kind detected; heads from config.json
+    cfg = read_config(ckpt).vit
+    assert (cfg.heads, cfg.image_size, cfg.pool_heads, cfg.pos_grid) == (TINY.heads, TINY.image_size, 1, 4)
     back = tmp_path / "vit.pt"
     assert cli.main(["convert", str(ckpt), str(back)]) == 0
     out = cio.read_state_dict(back)
