@@ -20,8 +20,10 @@ from seed_story_jax.train.metrics import read_jsonl
 
 MESH_TOL = 1e-5
 
+# Every run has steps=40 (the schedule is part of the compiled step) so runs of one mesh share one
+# compilation; short runs stop early with max_steps_this_run.
 BASE = [
-    "train.steps=6", "train.batch_size=8", "train.seq_len=16", "train.log_every=1", "train.checkpoint_every=3",
+    "train.steps=40", "train.batch_size=8", "train.seq_len=16", "train.log_every=1", "train.checkpoint_every=3",
     "train.lr=0.003", "train.warmup_steps=1", "train.min_lr_ratio=1.0", "train.keep=5",
     "train.synthetic_examples=512", "train.seed=0",
 ]
@@ -39,23 +41,29 @@ def _losses(workdir):
 
 @pytest.fixture(scope="module")
 def ref222(tmp_path_factory):
+    """6 steps on mesh (2, 2, 2), checkpoints at 3 and 6."""
     wd = tmp_path_factory.mktemp("ref222")
-    res = loop.run(_cfg(), wd, progress=False)
-    assert res.status == "done" and res.step == 6 and res.last_checkpoint == 6
+    res = loop.run(_cfg(), wd, progress=False, max_steps_this_run=6)
+    assert res.status == "stopped" and res.step == 6 and res.last_checkpoint == 6
     return wd, res
 
 
-def test_mesh_222_matches_single_device_and_loss_falls(ref222, tmp_path):
-    wd, _ = ref222
-    ref = _losses(wd)
-    one = loop.run(_cfg("train.steps=40", mesh=(1, 1, 1)), tmp_path, progress=False)
-    assert one.status == "done"
-    got = _losses(tmp_path)
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    """All 40 steps on one device."""
+    wd = tmp_path_factory.mktemp("one")
+    res = loop.run(_cfg(mesh=(1, 1, 1)), wd, progress=False)
+    assert res.status == "done" and res.step == 40
+    return wd
+
+
+def test_mesh_222_matches_single_device_and_loss_falls(ref222, one_device):
+    ref, got = _losses(ref222[0]), _losses(one_device)
     for s in range(1, 6):
         assert got[s] == pytest.approx(ref[s], rel=MESH_TOL), f"step {s}"
     first, last = np.mean([got[s] for s in range(1, 6)]), np.mean([got[s] for s in range(36, 41)])
     assert first > 6.5 and last < first - 0.5, (first, last)  # ln(1024) = 6.93 at the start
-    lines = read_jsonl(tmp_path / "metrics.jsonl")
+    lines = read_jsonl(one_device / "metrics.jsonl")
     assert all(m["compiles"] == 0 for m in lines), "the train step recompiled"
     assert all(m["finite"] == 1.0 for m in lines) and lines[-1]["tokens_per_s"] > 0
 
@@ -92,7 +100,7 @@ def test_resume_same_mesh_is_exact(ref222, tmp_path):
     wd, _ = ref222
     dst = tmp_path / "run"
     _resume_from_step3(wd, dst)
-    res = loop.run(_cfg(), dst, progress=False)
+    res = loop.run(_cfg(), dst, progress=False, max_steps_this_run=3)
     assert res.step == 6
     ref, got = _losses(wd), _losses(dst)
     assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]  # bit-exact
@@ -103,7 +111,7 @@ def test_checkpoint_moves_between_meshes(ref222, tmp_path, mesh):
     wd, _ = ref222
     dst = tmp_path / "run"
     _resume_from_step3(wd, dst)
-    res = loop.run(_cfg(mesh=mesh), dst, progress=False)
+    res = loop.run(_cfg(mesh=mesh), dst, progress=False, max_steps_this_run=3)
     assert res.step == 6
     ref, got = _losses(wd), _losses(dst)
     for s in (4, 5, 6):
@@ -112,11 +120,10 @@ def test_checkpoint_moves_between_meshes(ref222, tmp_path, mesh):
     assert len(q.sharding.device_set) == int(np.prod(mesh))
 
 
-def test_grad_accumulation_matches_one_batch(tmp_path):
-    a = loop.run(_cfg("train.steps=3", mesh=(1, 1, 1)), tmp_path / "a", progress=False)
-    b = loop.run(_cfg("train.steps=3", "train.grad_accum=2", mesh=(1, 1, 1)), tmp_path / "b", progress=False)
-    assert a.step == b.step == 3
-    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+def test_grad_accumulation_matches_one_batch(one_device, tmp_path):
+    b = loop.run(_cfg("train.grad_accum=2", mesh=(1, 1, 1)), tmp_path, progress=False, max_steps_this_run=3)
+    assert b.step == 3
+    la, lb = _losses(one_device), _losses(tmp_path)
     for s in (1, 2, 3):
         assert lb[s] == pytest.approx(la[s], rel=MESH_TOL)
 
@@ -155,7 +162,7 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
 
     task.loss_fn = loss_fn
     with pytest.raises(loop.TrainingDiverged, match="Last good checkpoint: 2"):
-        loop.run(cfg, tmp_path, task=task, progress=False)
+        loop.run(cfg, tmp_path, task=task, progress=False, max_steps_this_run=6)
     steps = sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir() if d.name.isdigit())
     assert steps == [2]
     logged = read_jsonl(tmp_path / "metrics.jsonl")

@@ -80,5 +80,6 @@ def lm_task(cfg: SeedStoryConfig) -> Task:
         tokens_per_example=float(t.seq_len),
         flops_per_example=fpt * t.seq_len,
         flops_note="6·|w| trained / 4·|w| frozen matmul weights + 6·L·T·H·D causal attention, per token",
+        key=("lm", llm_cfg, t.trainable, t.trainable_regex),
     )
 

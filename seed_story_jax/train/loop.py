@@ -108,13 +108,19 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
 
     init, graphdef, state_abs, _, state_sh, frozen_sh = S.abstract_setup(
         task.build, task.trainable, tx, mesh, rules, seed=t.seed, frozen_dtype=t.frozen_dtype)
-    state, frozen = jax.jit(init, out_shardings=(state_sh, frozen_sh))()
+    key = None if task.key is None else (task.key, t, mesh, rules)
+    # what the initial state depends on (not the schedule, batch or logging)
+    init_key = None if task.key is None else (task.key, t.seed, t.frozen_dtype, t.clip_norm > 0, mesh, rules)
 
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.yaml").write_text(dump_config(cfg))
     mngr = checkpoint_manager(workdir, t.keep, t.async_checkpoint)
     restored = restore_latest(mngr, S.with_shardings(state_abs, state_sh))
+    if restored is None:
+        state, frozen = _cached(("init", init_key), lambda: jax.jit(init, out_shardings=(state_sh, frozen_sh)))()
+    else:  # only the frozen params are rebuilt (from the seed, or `init` below)
+        frozen = _cached(("frozen", init_key), lambda: jax.jit(lambda: init()[1], out_shardings=frozen_sh))()
 
     spec = _example_spec(task.examples)
     b = t.batch_size
@@ -132,10 +138,10 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
             _overlay_init(t.init, state, frozen, state_sh, frozen_sh)
     last_ckpt = start if restored is not None else None
 
-    step_fn = jit_train_step(
+    step_fn = _cached(("step", key, task.loss_fn, str(spec)), lambda: jit_train_step(
         make_train_step(graphdef, task.loss_fn, tx, grad_accum=t.grad_accum, lr_fn=lr_schedule(t), mesh=mesh,
                         batch_spec=jax.tree.leaves(batch_sh)[0].spec[:1] or (None,)),
-        state_sh, frozen_sh, batch_sh, mesh)
+        state_sh, frozen_sh, batch_sh, mesh))
 
     writer = MetricsWriter(workdir, enabled=primary)
     stop = {"signal": False}
@@ -218,6 +224,21 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     return RunResult(status=status, step=step, last_checkpoint=last_ckpt, state=state)
+
+
+_JITTED: dict = {}
+
+
+def _cached(key, make):
+    """Jitted functions of a task are kept per (task.key, train config, mesh, rules), so a second run
+    in the same process (a notebook, the tests) reuses their compilations."""
+    if key[1] is None:
+        return make()
+    if key not in _JITTED:
+        if len(_JITTED) >= 16:
+            _JITTED.pop(next(iter(_JITTED)))
+        _JITTED[key] = make()
+    return _JITTED[key]
 
 
 def _overlay_init(path: str, state, frozen, state_sh, frozen_sh) -> None:

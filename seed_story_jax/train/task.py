@@ -37,6 +37,7 @@ class Task:
     tokens_per_example: float = 0.0  # for tokens/s
     flops_per_example: float = 0.0  # model FLOPs per example, forward + backward (the task's formula)
     flops_note: str = ""  # how flops_per_example is counted
+    key: Any = None  # hashable identity of (model, trainable set, data shapes): reuse compilations
 
 
 def path_str(path: Sequence) -> str:
