@@ -164,3 +164,138 @@ def test_bad_inputs_are_refused(setup):
         det.sample(setup["feats"], setup["uncond"], height=33)
     with pytest.raises(ValueError, match="needs config sections"):
         Detokenizer(dataclasses.replace(setup["cfg"], vae=None), {})
+
+
+# ---------------------------------------------------------------------------------------------
+# convert/detokenizer.py: the SDXLAdapter pytorch_model.bin laid over an SDXL base
+# ---------------------------------------------------------------------------------------------
+
+
+def _sdxl_base(tmp_path, s):
+    base = tmp_path / "sdxl"
+    s["unet"].save_pretrained(base / "unet", safe_serialization=True)
+    s["vae"].save_pretrained(base / "vae", safe_serialization=True)
+    EulerDiscreteScheduler.from_config(config_to_diffusers(SchedulerConfig())).save_pretrained(base / "scheduler")
+    return base
+
+
+# Shapes do not show how to_q's outputs split into heads; with an SDXL directory as the base the
+# converter takes SEED-X's dim_head 64, so that test's resampler has it (a JAX base supplies its own).
+RES64 = ResamplerXLV2Config(dim=64, depth=1, dim_head=64, heads=2, num_queries=16, embedding_dim=64,
+                            output1_dim=16, output2_dim=16)
+
+
+def _adapter_sd(s, unet_filter, res=None):
+    """An SDXLAdapter-style state dict: the resampler, and a trained copy of the UNet's selected tensors."""
+    sd = {"resampler." + k: v for k, v in _np_sd(res or s["res"]).items()}
+    rng = np.random.default_rng(5)
+    for k, v in _np_sd(s["unet"]).items():
+        if unet_filter(k):
+            sd["unet." + k] = (v + 0.01 * rng.standard_normal(v.shape)).astype(v.dtype)
+    return sd
+
+
+def _save_bin(sd, path):
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, path)
+    return path
+
+
+def _convert(*argv):
+    from seed_story_jax.cli import main
+
+    return main(["convert", *map(str, argv)])
+
+
+def _is_kv(k):
+    return k.endswith(("to_k.weight", "to_v.weight")) and (".attn1." in k or ".attn2." in k)
+
+
+def test_convert_partial_overlay_over_sdxl_base_round_trips(setup, tmp_path):
+    from convert.detokenizer import import_checkpoint
+    from convert.io import read_state_dict
+    from seed_story_jax.checkpoint import load_component, read_config
+
+    base = _sdxl_base(tmp_path, setup)
+    torch.manual_seed(3)
+    res64 = TorchResamplerXLV2(RES64.dim, RES64.depth, RES64.dim_head, RES64.heads, RES64.num_queries,
+                               RES64.embedding_dim, RES64.output1_dim, RES64.output2_dim)
+    sd = _adapter_sd(setup, _is_kv, res64)
+    src = _save_bin(sd, tmp_path / "pytorch_model.bin")
+    ckpt = tmp_path / "ckpt"
+    opts = type("O", (), {"base": str(base), "dtype": None})()
+    report = import_checkpoint(src, ckpt, options=opts)
+    n_kv = sum(1 for k in sd if k.startswith("unet."))
+    assert n_kv > 0 and report["unet_tensors_overlaid"] == n_kv == report["unet_kv_tensors_overlaid"]
+    full = _np_sd(setup["unet"])
+    assert report["unet_tensors_from_base"] == len(full) - n_kv
+    assert report["components"] == ["detokenizer", "unet", "vae"]
+    cfg = read_config(ckpt)
+    assert cfg.detokenizer.resampler == RES64
+    assert cfg.scheduler == SchedulerConfig() and cfg.vae is not None
+
+    # Overlaid K/V come from the file, everything else from the base.
+    unet = cunet.to_torch(jax.tree.map(np.asarray, load_component(ckpt, "unet")), cfg.unet)
+    for k, v in full.items():
+        want = sd["unet." + k] if "unet." + k in sd else v
+        np.testing.assert_array_equal(unet[k], want, err_msg=k)
+
+    # Export writes back exactly the file's tensors, bit for bit.
+    assert _convert(ckpt, tmp_path / "export") == 0
+    back = read_state_dict(tmp_path / "export" / "pytorch_model.bin")
+    assert set(back) == set(sd)
+    for k in sd:
+        np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+
+
+def test_convert_full_file_over_jax_base_and_verify(setup, tmp_path):
+    from convert.io import read_state_dict
+    from seed_story_jax.checkpoint import save_checkpoint
+    from seed_story_jax.models.detokenizer import Detokenizer
+
+    sd = _adapter_sd(setup, lambda k: True)
+    src = _save_bin(sd, tmp_path / "pytorch_model.bin")
+    # A JAX checkpoint as the base: its detokenizer section gives the head split (4 × 8).
+    cfg = setup["cfg"]
+    base = save_checkpoint(tmp_path / "base", cfg, {
+        "unet": cunet.from_torch(_np_sd(setup["unet"]), cfg.unet), "vae": cvae.from_torch(_np_sd(setup["vae"]), cfg.vae)})
+    sdxl = _sdxl_base(tmp_path, setup)
+    assert _convert(sdxl, tmp_path / "x", "--kind", "detokenizer", "--base", base) == 2  # not an adapter file
+    assert not (tmp_path / "x").exists()
+    assert _convert(src, tmp_path / "ckpt", "--kind", "detokenizer", "--base", base, "--verify") == 0
+    Detokenizer.load(tmp_path / "ckpt")  # everything sampling needs is there
+    assert _convert(tmp_path / "ckpt", tmp_path / "out.bin") == 0
+    back = read_state_dict(tmp_path / "out.bin")
+    assert set(back) == set(sd)
+    for k in sd:
+        np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+
+
+def test_convert_refuses_bad_files(setup, tmp_path):
+    from seed_story_jax.checkpoint import save_checkpoint
+
+    cfg = setup["cfg"]
+    base = save_checkpoint(tmp_path / "base", cfg, {"unet": cunet.from_torch(_np_sd(setup["unet"]), cfg.unet)})
+    good = _adapter_sd(setup, _is_kv)
+    cases = {
+        "resampler.layers.1.0.to_kv.weight": lambda sd: sd.pop("resampler.layers.1.0.to_kv.weight"),
+        "unet.down_blocks.9.nothing.weight": lambda sd: sd.__setitem__("unet.down_blocks.9.nothing.weight",
+                                                                       np.zeros(3, np.float32)),
+        "resampler.unet_proj_1.bias": lambda sd: sd.__setitem__("resampler.unet_proj_1.bias", np.zeros(5, np.float32)),
+        "extra.weight": lambda sd: sd.__setitem__("extra.weight", np.zeros(3, np.float32)),
+    }
+    for i, (key, damage) in enumerate(cases.items()):
+        sd = dict(good)
+        damage(sd)
+        src = _save_bin(sd, tmp_path / f"bad{i}.bin")
+        dst = tmp_path / f"out{i}"
+        from convert.detokenizer import import_checkpoint
+        from seed_story_jax.errors import ConversionError
+
+        with pytest.raises(ConversionError, match=key.replace(".", r"\.")):
+            import_checkpoint(src, dst, options=type("O", (), {"base": str(base)})())
+        assert _convert(src, dst, "--kind", "detokenizer", "--base", base) == 2
+        assert not dst.exists()
+    # A partial UNet with no base to lay it over.
+    src = _save_bin(good, tmp_path / "partial.bin")
+    assert _convert(src, tmp_path / "nobase", "--kind", "detokenizer") == 2
+    assert not (tmp_path / "nobase").exists()
