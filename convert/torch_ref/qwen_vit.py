@@ -1,7 +1,7 @@
 """Qwen-VL's visual encoder (`VisionTransformerWithAttnPool`, SEED-Story `src/models/qwen_visual.py`)
 as plain PyTorch, written from spec §1.2: the same module tree, so its `state_dict()` has the 594
 keys of `qwen_vit_G.pt`. Position tables are resized at run time with `F.interpolate` bicubic, as the
-original does (`get_abs_pos`)."""
+original does (`get_abs_pos`); the attention pool is the Qwen `Resampler` of resamplers.py."""
 
 from __future__ import annotations
 
@@ -10,51 +10,9 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from seed_story_jax.nn.posemb import sincos_2d
-
-
-def get_abs_pos(abs_pos: torch.Tensor, tgt_len: int) -> torch.Tensor:
-    """(L, C) grid table → (tgt_len, C): bicubic in float32, cast back to the table's dtype."""
-    src = int(math.sqrt(abs_pos.size(0)))
-    tgt = int(math.sqrt(tgt_len))
-    if src == tgt:
-        return abs_pos
-    grid = abs_pos.float().reshape(1, src, src, -1).permute(0, 3, 1, 2)
-    out = F.interpolate(grid, size=(tgt, tgt), mode="bicubic", align_corners=False)
-    return out.permute(0, 2, 3, 1).flatten(0, 2).to(dtype=abs_pos.dtype)
-
-
-class Resampler(nn.Module):
-    """Qwen-VL's 2-D resampler: grid² learned queries, one nn.MultiheadAttention."""
-
-    def __init__(self, grid_size, embed_dim, num_heads, kv_dim=None, norm_layer=nn.LayerNorm):
-        super().__init__()
-        self.num_queries = grid_size ** 2
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_2d(embed_dim, grid_size)).float(), requires_grad=False)
-        self.query = nn.Parameter(torch.zeros(self.num_queries, embed_dim))
-        nn.init.trunc_normal_(self.query, std=0.02)
-        if kv_dim is not None and kv_dim != embed_dim:
-            self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False)
-        else:
-            self.kv_proj = nn.Identity()
-        self.attn = nn.MultiheadAttention(embed_dim, num_heads)
-        self.ln_q = norm_layer(embed_dim)
-        self.ln_kv = norm_layer(embed_dim)
-
-    def forward(self, x):
-        pos_embed = get_abs_pos(self.pos_embed, x.size(1))
-        x = self.kv_proj(x)
-        x = self.ln_kv(x).permute(1, 0, 2)  # (L, N, D): batch_first=False
-        n = x.shape[1]
-        q = self.ln_q(self.query)
-        out = self.attn(q.unsqueeze(1).repeat(1, n, 1) + self.pos_embed.unsqueeze(1),
-                        x + pos_embed.unsqueeze(1), x)[0]
-        return out.permute(1, 0, 2)
+from convert.torch_ref.resamplers import Resampler, get_abs_pos  # the one torch Qwen Resampler
 
 
 class VisualAttention(nn.Module):
@@ -116,7 +74,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, image_size=448, patch_size=14, width=1664, layers=48, heads=16, mlp_width=8192,
                  output_dim=4096, n_queries=256, pos_grid=16, eps=1e-6, pool_heads=None):
         super().__init__()
-        norm_layer = lambda d: nn.LayerNorm(d, eps=eps)  # noqa: E731
+        norm_layer = lambda d: nn.LayerNorm(d, eps=eps)  # noqa: E731 - Qwen-VL's partial(LayerNorm, eps=1e-6)
         self.grid = image_size // patch_size
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.positional_embedding = nn.Parameter(width ** -0.5 * torch.randn(pos_grid ** 2, width))
@@ -124,7 +82,7 @@ class VisionTransformer(nn.Module):
         self.transformer = TransformerBlock(width, layers, heads, mlp_width, norm_layer)
         # Qwen: output_dim // 128 heads; tiny configs choose their own.
         self.attn_pool = Resampler(int(math.sqrt(n_queries)), output_dim, pool_heads or output_dim // 128,
-                                   kv_dim=width, norm_layer=norm_layer)
+                                   kv_dim=width, eps=eps)
         self.ln_post = norm_layer(output_dim)
         self.proj = nn.Parameter(output_dim ** -0.5 * torch.randn(output_dim, output_dim))
 
