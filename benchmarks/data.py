@@ -10,7 +10,8 @@ decode all 10 frames with PIL, torchvision's PIL path (bilinear `Resize((448, 44
 Normalize) on every frame, keep the first g+2, tokenize, build masks; the original collate
 concatenates the images. Ours decodes only the g+2 frames a sample uses and pads them to 10
 static slots. Throughput is samples/s over `--batches` batches after the first (worker start-up
-is reported separately). The ratio is ours / reference (> 1: ours is faster).
+is reported separately). The ratio is ours / reference (> 1: ours is faster). CPU seconds per
+sample in a single process are reported too: on a shared machine they vary less than wall time.
 """
 
 from __future__ import annotations
@@ -180,6 +181,32 @@ def run_ours(root: Path, args) -> dict:
             "samples_per_s": n / dt, "batch_bytes": int(sum(v.nbytes for v in b.values()))}
 
 
+def cpu_per_sample(root: Path, args, n: int = 24) -> dict:
+    """CPU seconds per sample in one process (no workers): the work itself, less sensitive to load."""
+    import numpy as np
+    import torch
+
+    from data_pipeline import builder, pipeline
+    from seed_story_jax.tokenizer import Tokenizer
+
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    src = builder.StorySource(root / "ds")
+    make = pipeline.MakeSample(Tokenizer.load(root / "tok"), stage=args.stage, max_length=args.max_length,
+                               num_img_tokens=64, max_images=10, image_size=args.image_size, sd_size=1024)
+    ref = ReferenceStories(root / "train.jsonl", root / "images", root / "tok", args.image_size, args.max_length, 64)
+    rng = np.random.default_rng(0)
+    random.seed(0)
+    make.random_map(src[0], rng), ref[0]  # warm up (tokenizer load)
+    t = time.process_time()
+    for i in range(n):
+        make.random_map(src[i % len(src)], rng)
+    ours = (time.process_time() - t) / n
+    t = time.process_time()
+    for i in range(n):
+        ref[i]
+    return {"ours_cpu_s_per_sample": ours, "reference_cpu_s_per_sample": (time.process_time() - t) / n}
+
+
 def main() -> int:
     p = common.parser("data", __doc__.splitlines()[0])
     p.add_argument("--stories", type=int, default=40)
@@ -199,12 +226,15 @@ def main() -> int:
         data = make_data(root, args.stories, fw, fh)
         setup_s = time.perf_counter() - t
         rows = [run_ours(root, args), run_reference(root, args)]
+        cpu = cpu_per_sample(root, args)
     ratio = rows[0]["samples_per_s"] / rows[1]["samples_per_s"]
     print(common.table(rows, ["impl", "samples_per_s", "first_batch_s", "samples", "seconds"]))
+    print(f"CPU per sample, one process: ours {cpu['ours_cpu_s_per_sample'] * 1e3:.1f} ms, "
+          f"reference {cpu['reference_cpu_s_per_sample'] * 1e3:.1f} ms")
     print(f"ratio ours/reference: {ratio:.2f}x  (load avg before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}; "
           f"{os.cpu_count()} CPUs)")
     record = {"benchmark": "data", "args": vars(args), "data": data, "setup_s": setup_s, "rows": rows,
-              "ratio_ours_over_reference": ratio, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+              "ratio_ours_over_reference": ratio, "cpu_per_sample": cpu, "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
               "machine": common.machine()}
     path = common.write_json(args.out, record)
     print(f"wrote {path}")
