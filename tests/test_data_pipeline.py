@@ -202,3 +202,15 @@ def test_sample_dataset_random_access(data):
     short = pipeline.sample_dataset(dataclasses.replace(cfg, max_length=160), tok)
     lengths = [int(short[i]["attention_mask"].sum()) for i in range(N_STORIES)]
     assert max(lengths) < 160
+
+
+def test_fewer_image_slots_than_frames(data):
+    cfg, tok, src, _ = data
+    small = dataclasses.replace(cfg, max_images=4, batch_size=8)
+    b = next(_it(small, tok))
+    assert b["images"].shape == (8, 4, 28, 28, 3) and b["image_valid"].shape == (8, 4)
+    assert b["g"].max() <= 2 and (b["num_images"] == b["image_valid"].sum(1)).all()
+    for i in range(8):  # only the first max_images frames of a record are used
+        rec = src[int(b["record_index"][i])]
+        s = build_sample(rec["captions"][:4], int(b["g"][i]), tok, num_img_tokens=4, max_length=cfg.max_length)
+        np.testing.assert_array_equal(b["input_ids"][i], s.input_ids)
