@@ -61,9 +61,9 @@ def decode_image(data: bytes):
 class Transforms:
     """The image transforms of a stage (spec §1.3), from seed_story_jax.transforms: ViT squash 448
     (stage 2), ViT keep-ratio 448 (stages 1, 3), SDXL 1024 crop + time ids (stages 1, 3; stage 3
-    with the original's swapped crop offsets unless quirky_time_ids=False)."""
+    with the crop offsets in their SDXL slots; quirky_time_ids=True reproduces the original's swap)."""
 
-    def __init__(self, stage: int, image_size: int, sd_size: int, quirky_time_ids: bool = True):
+    def __init__(self, stage: int, image_size: int, sd_size: int, quirky_time_ids: bool = False):
         self.stage, self.image_size, self.sd_size = stage, image_size, sd_size
         self.quirky_time_ids = quirky_time_ids and stage == 3
 
@@ -89,7 +89,7 @@ class MakeSample(grain.RandomMapTransform):
     a tokenizer directory, loaded once per worker."""
 
     def __init__(self, tokenizer, *, stage: int, max_length: int, num_img_tokens: int, max_images: int,
-                 image_size: int, sd_size: int, quirky_time_ids: bool = True,
+                 image_size: int, sd_size: int, quirky_time_ids: bool = False,
                  transforms: Optional[Transforms] = None, too_long: str = "drop"):
         if too_long not in ("drop", "shorter"):
             raise ValueError(f"too_long must be 'drop' or 'shorter', got {too_long!r}")

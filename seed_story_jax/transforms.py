@@ -16,6 +16,8 @@ batch — where torchvision would return (3, H, W).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from PIL import Image
 
@@ -55,11 +57,28 @@ def _normalize(x: np.ndarray, mean, std) -> np.ndarray:
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+@functools.lru_cache(maxsize=8)
+def _lut(mean: tuple, std: tuple) -> np.ndarray:
+    """(3, 256) table of ToTensor + Normalize for every uint8 value: the same float32 arithmetic as
+    `_normalize(_to_float(x))`, done once, so per-pixel work is a lookup (3x faster per image)."""
+    levels = np.arange(256, dtype=np.float32) / np.float32(255)
+    return np.stack([_normalize(levels, m, s) for m, s in zip(mean, std)]).astype(np.float32)
+
+
+def _to_normalized(img: Image.Image, mean, std, top: int = 0, left: int = 0, size: int | None = None) -> np.ndarray:
+    """uint8 HWC (optionally center-cropped) → normalised float32, bit-identical to the two-step path."""
+    x = np.asarray(img, dtype=np.uint8)
+    if size is not None:
+        x = x[top:top + size, left:left + size]
+    lut = _lut(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    return np.stack([lut[c][x[..., c]] for c in range(3)], axis=-1)
+
+
 def vit_squash_448(img: Image.Image, size: int = 448) -> np.ndarray:
     """`Resize((size, size))` (PIL bilinear, antialiased; aspect ratio squashed), ToTensor, CLIP
     Normalize → (size, size, 3) float32."""
     img = _resize(to_rgb(img), (size, size), Image.BILINEAR)
-    return _normalize(_to_float(img), CLIP_MEAN, CLIP_STD)
+    return _to_normalized(img, CLIP_MEAN, CLIP_STD)
 
 
 def vit_keep_ratio_448(img: Image.Image, size: int = 448) -> np.ndarray:
@@ -67,8 +86,7 @@ def vit_keep_ratio_448(img: Image.Image, size: int = 448) -> np.ndarray:
     img = to_rgb(img)
     img = _resize(img, short_side_size(*img.size, size), Image.BILINEAR)
     top, left = center_crop_offsets(*img.size, size)
-    x = _to_float(img)[top:top + size, left:left + size]
-    return _normalize(x, CLIP_MEAN, CLIP_STD)
+    return _to_normalized(img, CLIP_MEAN, CLIP_STD, top, left, size)
 
 
 def sdxl_crop_1024(img: Image.Image, size: int = 1024, *, quirky_time_ids: bool = False):
@@ -83,8 +101,7 @@ def sdxl_crop_1024(img: Image.Image, size: int = 1024, *, quirky_time_ids: bool 
     orig_w, orig_h = img.size
     img = _resize(img, short_side_size(orig_w, orig_h, size), Image.BICUBIC)
     top, left = center_crop_offsets(*img.size, size)
-    x = _to_float(img)[top:top + size, left:left + size]
-    x = _normalize(x, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    x = _to_normalized(img, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), top, left, size)
     if quirky_time_ids:
         top, left = left, top
     return x, (orig_h, orig_w, top, left, size, size)

@@ -139,3 +139,15 @@ def test_load_image_names_a_bad_file(tmp_path):
     good = tmp_path / "ok.png"
     Image.new("RGBA", (5, 4), (1, 2, 3, 4)).save(good)
     assert T.load_image(good).mode == "RGB"
+
+
+def test_lookup_table_normalisation_is_bit_identical():
+    """The per-value lookup table must give exactly the two-step float32 ToTensor + Normalize result."""
+    import numpy as np
+    from PIL import Image
+
+    import seed_story_jax.transforms as T
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 90, 3), dtype=np.uint8))
+    two_step = T._normalize(T._to_float(T._resize(img, (28, 28), Image.BILINEAR)), T.CLIP_MEAN, T.CLIP_STD)
+    assert np.array_equal(T.vit_squash_448(img, size=28), two_step)
