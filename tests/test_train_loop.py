@@ -5,7 +5,14 @@ between meshes, resume is exact, the NaN guard keeps the last good checkpoint.
 Tolerance between different meshes: 1e-5 relative on the loss (fp32; sharded reductions sum in a
 different order). Same mesh after a resume: bit-exact."""
 
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import grain
 import jax
@@ -19,9 +26,11 @@ from seed_story_jax.train import loop
 from seed_story_jax.train.metrics import read_jsonl
 
 MESH_TOL = 1e-5
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.yaml")
 
 # Every run has steps=40 (the schedule is part of the compiled step) so runs of one mesh share one
-# compilation; short runs stop early with max_steps_this_run.
+# compilation; short runs stop early with stop_at.
 BASE = [
     "train.steps=40", "train.batch_size=8", "train.seq_len=16", "train.log_every=1", "train.checkpoint_every=3",
     "train.lr=0.003", "train.warmup_steps=1", "train.min_lr_ratio=1.0", "train.keep=5",
@@ -30,8 +39,11 @@ BASE = [
 
 
 def _cfg(*over, mesh=(2, 2, 2)):
-    d, f, t = mesh
-    return load_config("configs/tiny.yaml", BASE + [f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}", *over])
+    return load_config(TINY, BASE + _mesh(mesh) + list(over))
+
+
+def _mesh(mesh):
+    return [f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}"]
 
 
 def _losses(workdir):
@@ -43,7 +55,7 @@ def _losses(workdir):
 def ref222(tmp_path_factory):
     """6 steps on mesh (2, 2, 2), checkpoints at 3 and 6."""
     wd = tmp_path_factory.mktemp("ref222")
-    res = loop.run(_cfg(), wd, progress=False, max_steps_this_run=6)
+    res = loop.run(_cfg(), wd, progress=False, stop_at=6)
     assert res.status == "stopped" and res.step == 6 and res.last_checkpoint == 6
     return wd, res
 
@@ -100,7 +112,7 @@ def test_resume_same_mesh_is_exact(ref222, tmp_path):
     wd, _ = ref222
     dst = tmp_path / "run"
     _resume_from_step3(wd, dst)
-    res = loop.run(_cfg(), dst, progress=False, max_steps_this_run=3)
+    res = loop.run(_cfg(), dst, progress=False, stop_at=6)
     assert res.step == 6
     ref, got = _losses(wd), _losses(dst)
     assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]  # bit-exact
@@ -111,7 +123,7 @@ def test_checkpoint_moves_between_meshes(ref222, tmp_path, mesh):
     wd, _ = ref222
     dst = tmp_path / "run"
     _resume_from_step3(wd, dst)
-    res = loop.run(_cfg(mesh=mesh), dst, progress=False, max_steps_this_run=3)
+    res = loop.run(_cfg(mesh=mesh), dst, progress=False, stop_at=6)
     assert res.step == 6
     ref, got = _losses(wd), _losses(dst)
     for s in (4, 5, 6):
@@ -121,7 +133,7 @@ def test_checkpoint_moves_between_meshes(ref222, tmp_path, mesh):
 
 
 def test_grad_accumulation_matches_one_batch(one_device, tmp_path):
-    b = loop.run(_cfg("train.grad_accum=2", mesh=(1, 1, 1)), tmp_path, progress=False, max_steps_this_run=3)
+    b = loop.run(_cfg("train.grad_accum=2", mesh=(1, 1, 1)), tmp_path, progress=False, stop_at=3)
     assert b.step == 3
     la, lb = _losses(one_device), _losses(tmp_path)
     for s in (1, 2, 3):
@@ -162,8 +174,109 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
 
     task.loss_fn = loss_fn
     with pytest.raises(loop.TrainingDiverged, match="Last good checkpoint: 2"):
-        loop.run(cfg, tmp_path, task=task, progress=False, max_steps_this_run=6)
+        loop.run(cfg, tmp_path, task=task, progress=False, stop_at=6)
     steps = sorted(int(d.name) for d in (tmp_path / "checkpoints").iterdir() if d.name.isdigit())
     assert steps == [2]
     logged = read_jsonl(tmp_path / "metrics.jsonl")
     assert logged[0]["step"] == 3 and logged[0]["finite"] == 1.0  # step 3 was fine
+
+
+# ------------------------------------------------------------------------------ real processes
+
+
+def _train_cli(workdir, *args, devices=8, fault="", cache=None, mesh=(2, 2, 2)):
+    """`seed-story train` in a fresh process on `devices` virtual CPU devices (same numerics flags as
+    conftest.py; a shared persistent compilation cache so only the first launch compiles)."""
+    env = dict(os.environ)
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               JAX_DEFAULT_MATMUL_PRECISION="highest", SEED_STORY_FAULT=fault)
+    if cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cmd = [sys.executable, "-m", "seed_story_jax.cli", "train", TINY, *BASE, *_mesh(mesh),
+           "--workdir", str(workdir), "--no-progress", *args]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc, timeout=420):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def _assert_only_complete_checkpoints(workdir):
+    """Every directory that looks like a checkpoint (a step number) was committed by orbax."""
+    for d in (workdir / "checkpoints").iterdir():
+        if d.name.isdigit():
+            assert (d / "commit_success.txt").is_file(), f"uncommitted checkpoint {d}"
+
+
+def test_sigkill_and_sigterm_resume_exactly(ref222, tmp_path):
+    """Killed mid-save (SIGKILL while the async save of step 3 is in flight), preempted (SIGTERM at
+    step 4: saves and exits 0), killed mid-training (SIGKILL after step 5); each relaunch resumes from
+    the newest complete checkpoint and the losses of steps 1-6 equal the uninterrupted run's exactly."""
+    wd, cache = tmp_path / "run", tmp_path / "cache"
+    rc, out = _finish(_train_cli(wd, "--stop-at", "6", fault="kill_in_save:3", cache=cache))
+    assert rc == -signal.SIGKILL, out
+    _assert_only_complete_checkpoints(wd)
+    rc, out = _finish(_train_cli(wd, "--stop-at", "6", fault="term_at:4", cache=cache))
+    assert rc == 0 and "SIGTERM: saved step 4" in out, out
+    _assert_only_complete_checkpoints(wd)
+    rc, out = _finish(_train_cli(wd, "--stop-at", "6", fault="kill_at:5", cache=cache))
+    assert rc == -signal.SIGKILL and "resumed from" in out, out
+    _assert_only_complete_checkpoints(wd)
+    rc, out = _finish(_train_cli(wd, "--stop-at", "6", cache=cache))
+    assert rc == 0 and "checkpoints/4" in out and "stopped at step 6" in out, out
+    ref, got = _losses(ref222[0]), _losses(wd)
+    assert [got[s] for s in range(1, 7)] == [ref[s] for s in range(1, 7)]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(ref222, tmp_path):
+    """2 processes × 4 CPU devices (jax.distributed on 127.0.0.1, gloo collectives) on mesh (2, 2, 2)
+    give the losses of 1 process × 8 devices (MESH_TOL), and write one checkpoint together."""
+    wd, port = tmp_path / "run", _free_port()
+    procs = [_train_cli(wd, "--stop-at", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                        "--process-id", str(i), devices=4) for i in range(2)]
+    results = [_finish(p) for p in procs]
+    for rc, out in results:
+        assert rc == 0, out
+    ref, got = _losses(ref222[0]), _losses(wd)
+    assert sorted(got) == [1, 2, 3, 4]
+    for s in range(1, 5):
+        assert got[s] == pytest.approx(ref[s], rel=MESH_TOL), f"step {s}"
+    _assert_only_complete_checkpoints(wd)
+    assert (wd / "checkpoints" / "4" / "commit_success.txt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("faults", [
+    ("kill_in_save:3", "kill_in_save:6", "kill_in_save:9"),
+    ("kill_at:1", "kill_at:4", "kill_in_save:6", "kill_at:8"),
+    ("external:2", "external:5", "external:7"),
+])
+def test_sigkill_at_many_points_resumes_exactly(tmp_path, faults):
+    """SIGKILL from inside (mid-save, mid-training) and from outside (as soon as step k is logged),
+    relaunching after each; the losses of steps 1-9 equal an uninterrupted run's exactly."""
+    ref_wd = tmp_path / "ref"
+    loop.run(_cfg(), ref_wd, progress=False, stop_at=9)
+    wd, cache = tmp_path / "run", tmp_path / "cache"
+    for fault in faults:
+        kind, _, k = fault.partition(":")
+        if kind == "external":
+            proc = _train_cli(wd, "--stop-at", "9", cache=cache)
+            while proc.poll() is None and max(_losses(wd), default=0) < int(k):
+                time.sleep(0.01)
+            proc.kill()
+            _finish(proc)
+        else:
+            rc, out = _finish(_train_cli(wd, "--stop-at", "9", fault=fault, cache=cache))
+            assert rc == -signal.SIGKILL, out
+        _assert_only_complete_checkpoints(wd)
+    rc, out = _finish(_train_cli(wd, "--stop-at", "9", cache=cache))
+    assert rc == 0, out
+    ref, got = _losses(ref_wd), _losses(wd)
+    assert [got[s] for s in range(1, 10)] == [ref[s] for s in range(1, 10)]

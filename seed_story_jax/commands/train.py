@@ -21,6 +21,8 @@ def add_arguments(p) -> None:
     p.add_argument("--process-id", type=int, default=None)
     p.add_argument("--distributed", action="store_true",
                    help="initialise jax.distributed by cluster auto-detection (TPU pods, SLURM, ...)")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="save and exit after this step (run the schedule in pieces); rerun to continue")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -36,7 +38,7 @@ def run(args) -> int:
     from seed_story_jax.train.loop import TrainingDiverged, run as train_run
 
     try:
-        result = train_run(cfg, args.workdir, progress=not args.no_progress)
+        result = train_run(cfg, args.workdir, progress=not args.no_progress, stop_at=args.stop_at)
     except TrainingDiverged as e:
         print(f"seed-story train: stopped: {e}", file=sys.stderr)
         return 3

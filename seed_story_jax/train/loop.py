@@ -42,7 +42,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass
 class RunResult:
-    status: str  # "done" | "preempted" | "stopped" (max_steps_this_run reached)
+    status: str  # "done" | "preempted" | "stopped" (stop_at reached)
     step: int
     last_checkpoint: Optional[int]
     state: Any = None  # the final TrainState (sharded jax arrays)
@@ -73,7 +73,8 @@ def restore_latest(mngr, abstract_state):
 
 
 class _Fault:
-    """Test-only fault injection: SEED_STORY_FAULT="kill_at:N" or "kill_in_save:N" (SIGKILL self)."""
+    """Test-only fault injection, SEED_STORY_FAULT="KIND:STEP": kill_at (SIGKILL after the step),
+    kill_in_save (SIGKILL while the async save of that step is in flight), term_at (SIGTERM)."""
 
     def __init__(self):
         spec = os.environ.get("SEED_STORY_FAULT", "")
@@ -82,7 +83,7 @@ class _Fault:
 
     def hit(self, kind: str, step: int) -> None:
         if self.kind == kind and self.step == step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGTERM if kind == "term_at" else signal.SIGKILL)
 
 
 def _example_spec(examples) -> dict:
@@ -92,7 +93,9 @@ def _example_spec(examples) -> dict:
 
 
 def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=None, progress: bool = True,
-        max_steps_this_run: Optional[int] = None) -> RunResult:
+        stop_at: Optional[int] = None) -> RunResult:
+    """Train (or resume) `cfg` in `workdir` until train.steps, or until step `stop_at` (then save and
+    return "stopped": time-limited jobs run the schedule in pieces)."""
     import orbax.checkpoint as ocp
     from tqdm import tqdm
 
@@ -150,7 +153,7 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
     fault = _Fault()
     n_dev = mesh.devices.size
     peak = peak_flops(mesh.devices.flat[0])
-    end = t.steps if max_steps_this_run is None else min(t.steps, start + max_steps_this_run)
+    end = t.steps if stop_at is None else min(t.steps, stop_at)
     bar = tqdm(total=t.steps, initial=start, disable=not (progress and primary), desc="train", unit="step",
                dynamic_ncols=True)
     status = "done"
@@ -184,6 +187,7 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
             window_steps += 1
             bar.update(1)
             fault.hit("kill_at", step)
+            fault.hit("term_at", step)
             if compiles_after_first is None:
                 jax.block_until_ready(metrics)
                 compiles_after_first = compile_count()
