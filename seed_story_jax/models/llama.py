@@ -18,6 +18,7 @@ compile time does not grow with depth. `stack_layers` / `unstack_layers` convert
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -75,14 +76,16 @@ class Attention(nnx.Module):
         k = checkpoint_name(self.k_proj(x, dk[1]), "k_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         v = checkpoint_name(self.v_proj(x, dk[2]), "v_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         q = apply_rope(q, cos, sin)
-        k = self.rotate_keys(k, cos, sin)
         if kv_io is None:
-            out, new_kv = attention(q, k, v, mask=mask), None
+            out, new_kv = attention(q, self.rotate_keys(k, cos, sin), v, mask=mask), None
         else:
             k_all, v_all, layer, write = kv_io
-            k_all = kvc.write_layer(k_all, layer, write, k)
+            shifted = write.key_cos is not None  # cache holds pre-RoPE keys, rotated by place in cache
+            k_all = kvc.write_layer(k_all, layer, write, k if shifted else self.rotate_keys(k, cos, sin))
             v_all = kvc.write_layer(v_all, layer, write, v)
             ks, vs = kvc.read_layer(k_all, layer), kvc.read_layer(v_all, layer)
+            if shifted:
+                ks = self.rotate_keys(ks, write.key_cos, write.key_sin)
             out, new_kv = attention(q, ks.astype(q.dtype), vs.astype(q.dtype), mask=mask), (k_all, v_all)
         return self.o_proj(out.reshape(b, t, -1), dk[3]), new_kv
 
@@ -180,6 +183,9 @@ class Llama(nnx.Module):
         else:
             write, cache = kvc.plan_write(cache, token_mask, positions, kinds)
             positions = write.positions
+            if cache.policy.shifted:
+                write = kvc.with_key_rope(write, *rope_cos_sin(cache.key_pos, self.cfg.resolved_head_dim,
+                                                               self.cfg.rope_theta))
             mask = kvc.attention_mask(cache, positions)
             kv = (cache.k, cache.v)
         cos, sin = rope_cos_sin(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta)
@@ -187,8 +193,7 @@ class Llama(nnx.Module):
         hidden = self.norm(h)
         logits = self.logits(hidden) if compute_logits else None
         if cache is not None:
-            cache = kvc.KVCache(k=kv[0], v=kv[1], pos=cache.pos, valid=cache.valid, kind=cache.kind,
-                                length=cache.length, next_pos=cache.next_pos)
+            cache = dataclasses.replace(cache, k=kv[0], v=kv[1])
         return logits, hidden, cache
 
     def _layers(self, h, cos, sin, mask, kv, write, dropout_key):
@@ -260,6 +265,19 @@ def relayout(params: dict, cfg: LlamaConfig) -> dict:
 def abstract_model(cfg: LlamaConfig) -> Llama:
     with nnx.use_eager_sharding(False):
         return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+
+
+def init_model(cfg: LlamaConfig, seed: int = 0) -> Llama:
+    """Random init in one compiled function (eager init compiles every initializer op separately);
+    under an active mesh the params come out sharded by their logical names."""
+    graphdef = nnx.split(abstract_model(cfg))[0]
+
+    @jax.jit
+    def make(key):
+        with nnx.use_eager_sharding(False):
+            return nnx.split(Llama(cfg, rngs=nnx.Rngs(params=key)))[1]
+
+    return nnx.merge(graphdef, make(jax.random.key(seed)))
 
 
 def from_params(cfg: LlamaConfig, params: dict, *, where: str = "params") -> Llama:
