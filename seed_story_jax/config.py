@@ -340,9 +340,25 @@ class MLLMConfig:
     rec_loss_scale: float = 1.0
     suppress_mode: str = "zero"  # the original's 0.0-logit rule; "neg_inf" is the clean mode
     max_images: int = 10  # image slots per sample (static shapes)
+    max_gen_images: int = 1  # target images per sample the loss regresses (SEED-Story: exactly one)
 
     def validate(self, where: str = "mllm") -> None:
         _check(self.suppress_mode in ("zero", "neg_inf"), f"{where}.suppress_mode: zero|neg_inf")
+        self.input_resampler.validate(f"{where}.input_resampler")
+        self.output_resampler.validate(f"{where}.output_resampler")
+        n = self.num_img_tokens
+        _check(self.input_resampler.grid_size ** 2 == n,
+               f"{where}: input_resampler.grid_size² ({self.input_resampler.grid_size ** 2}) must equal "
+               f"num_img_tokens ({n})")
+        _check(self.output_resampler.input_tokens == n,
+               f"{where}: output_resampler.input_tokens ({self.output_resampler.input_tokens}) must equal "
+               f"num_img_tokens ({n})")
+        _check(self.input_resampler.embed_dim == self.output_resampler.embed_dim,
+               f"{where}: the two resamplers need the same embed_dim (the LLM width)")
+        _check(self.output_resampler.grid_size ** 2 == self.input_resampler.input_tokens,
+               f"{where}: output_resampler.grid_size² must equal input_resampler.input_tokens "
+               "(regressed features are ViT-like and feed back as input images)")
+        _check(self.max_images >= 1 and self.max_gen_images >= 1, f"{where}: max_images and max_gen_images must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,7 +396,7 @@ class DataConfig:
     max_images: int = 10  # image slots per sample (static shapes); a record's frames beyond it are unused
     image_size: int = 448  # ViT input side
     sd_size: int = 1024  # SDXL target side (stages 1 and 3)
-    quirky_time_ids: bool = True  # stage 3: the original's swapped crop offsets in time_ids (spec §5.4)
+    quirky_time_ids: bool = False  # True reproduces the original stage-3 bug (spec §5.4: offsets swapped); we fix it by default
     batch_size: int = 30  # per process
     shuffle_seed: int = 42
     num_epochs: Optional[int] = None  # None: repeat forever
