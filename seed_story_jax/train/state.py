@@ -43,7 +43,10 @@ class Setup:
 
 
 def trainable_filter(predicate: Callable[[tuple], bool]):
-    return nnx.All(nnx.Param, lambda path, _: predicate(tuple(path)))
+    """Params chosen by `predicate`, never a FrozenParam (derived tables the models store as params)."""
+    from seed_story_jax.models.resamplers import FrozenParam
+
+    return nnx.All(nnx.Param, nnx.Not(FrozenParam), lambda path, _: predicate(tuple(path)))
 
 
 def _cast_floating(tree, dtype):

@@ -1,0 +1,224 @@
+"""AOT memory plan: compile the real train step for a machine we do not have and read its bytes.
+
+TPU slices are described without hardware (`jax.experimental.topologies.get_topology_desc`, which
+needs libtpu: `pip install 'seed-story-jax[tpu]'`); the train step is lowered with abstract inputs
+(ShapeDtypeStructs) and compiled for those devices, and `memory_analysis()` gives per-chip bytes.
+GPU counts (`h100x8`) compile on local GPUs when there are enough, else on as many virtual CPU
+devices (a proxy: XLA:CPU fuses differently, so temporaries are indicative only).
+
+Names: v4-N and v5p-N count TensorCores (2 per chip, one megacore device per chip); v5e-N and v6e-N
+count chips; hNNNxK / aNNNxK are K GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Optional
+
+GIB = 1 << 30
+
+# generation → (HBM bytes per chip, TensorCores per chip in the name, 3-D torus)
+TPU = {
+    "v4": (32 * GIB, 2, True),
+    "v5p": (95 * GIB, 2, True),
+    "v5e": (16 * GIB, 1, False),
+    "v6e": (32 * GIB, 1, False),
+}
+GPU_HBM = {"h100": 80 * GIB, "h200": 141 * 10**9, "a100": 80 * GIB}
+
+LIBTPU_HINT = ("planning for TPU needs libtpu, which this environment lacks. Install it in a separate "
+               "environment: python -m venv .venv-tpu && .venv-tpu/bin/pip install -e '.[tpu]' "
+               "(or: pip install 'jax[tpu]==0.10.2'), then run `.venv-tpu/bin/seed-story plan ...`")
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    name: str
+    platform: str  # "tpu" | "gpu"
+    chips: int
+    hbm_bytes: int
+    topology_name: Optional[str] = None  # e.g. "v5p:4x4x4"
+    chip_config: str = "default"
+    host_bounds: tuple = (2, 2, 1)
+
+
+def _torus(chips: int, dims: int) -> tuple[int, ...]:
+    """Most balanced power-of-two torus with `chips` chips (smaller dims first, as TPU names read)."""
+    if chips & (chips - 1):
+        raise PlanError(f"{chips} chips: TPU slices come in powers of two")
+    shape = [1] * dims
+    i = 0
+    while math.prod(shape) < chips:
+        shape[i % dims] *= 2
+        i += 1
+    return tuple(sorted(shape))
+
+
+def parse_topology(name: str) -> Topology:
+    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name.lower())
+    if m:
+        gen = "v5e" if m.group(1) == "v5litepod" else m.group(1)
+        hbm, cores, three_d = TPU[gen]
+        n = int(m.group(2))
+        if n % cores:
+            raise PlanError(f"{name}: {gen} names count {cores} cores per chip")
+        chips = n // cores
+        shape = _torus(chips, 3 if three_d else 2)
+        if three_d and len(shape) == 3:
+            shape = tuple(sorted(shape))
+        topo = f"{gen}:" + "x".join(map(str, shape))
+        bounds = (1, 1, 1) if chips == 1 else (2, 2, 1) if chips >= 4 else (chips, 1, 1)
+        return Topology(name, "tpu", chips, hbm, topo, "megacore" if cores == 2 else "default", bounds)
+    m = re.fullmatch(r"(h100|h200|a100)x(\d+)", name.lower())
+    if m:
+        return Topology(name, "gpu", int(m.group(2)), GPU_HBM[m.group(1)])
+    raise PlanError(f"unknown topology {name!r}; examples: v5p-128, v5e-64, v6e-8, v4-32, h100x8")
+
+
+def family(topo: Topology) -> list[str]:
+    """Names of the same generation, smallest first (for --search)."""
+    if topo.platform == "gpu":
+        kind = topo.name.split("x")[0]
+        return [f"{kind}x{n}" for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
+    gen = topo.topology_name.split(":")[0]
+    cores = TPU[gen][1]
+    return [f"{gen}-{c * cores}" for c in (1, 4, 8, 16, 32, 64, 128, 256, 512, 1024)]
+
+
+def devices_for(topo: Topology):
+    import jax
+
+    if topo.platform == "tpu":
+        try:
+            from jax.experimental import topologies
+
+            desc = topologies.get_topology_desc(topology_name=topo.topology_name, platform="tpu",
+                                                chip_config_name=topo.chip_config,
+                                                chips_per_host_bounds=topo.host_bounds, num_slices=1)
+        except Exception as e:  # noqa: BLE001 - no libtpu, or a shape it refuses
+            if "libtpu" in str(e).lower() or "tpu" in str(e).lower() and "not" in str(e).lower():
+                raise PlanError(f"{LIBTPU_HINT} ({type(e).__name__}: {e})") from None
+            raise PlanError(f"{topo.name} ({topo.topology_name}): {type(e).__name__}: {e}") from None
+        return list(desc.devices), "deviceless TPU topology"
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    if len(gpus) >= topo.chips:
+        return gpus[:topo.chips], "local GPUs"
+    cpus = jax.devices("cpu")
+    if len(cpus) < topo.chips:
+        raise PlanError(f"{topo.name}: a CPU proxy needs {topo.chips} devices; set "
+                        f"XLA_FLAGS=--xla_force_host_platform_device_count={topo.chips}")
+    return cpus[:topo.chips], "CPU proxy (no GPU here): temporaries are indicative"
+
+
+def _bytes_per_device(abstract, shardings) -> int:
+    import jax
+
+    total = 0
+    for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings, is_leaf=lambda y: hasattr(y, "spec"))):
+        total += math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+    return total
+
+
+def plan(cfg, topo: Topology) -> dict:
+    """Compile cfg's train step for `topo`; per-chip bytes, FLOPs, and whether it fits."""
+    import jax
+    import jax.numpy as jnp
+
+    from seed_story_jax.train import rules as R
+    from seed_story_jax.train import state as S
+    from seed_story_jax.train.loop import _example_spec
+    from seed_story_jax.train.mesh import make_mesh
+    from seed_story_jax.train.optim import lr_schedule, make_optimizer
+    from seed_story_jax.train.stages import make_task
+    from seed_story_jax.train.step import jit_train_step, make_train_step
+
+    t = cfg.train
+    devices, how = devices_for(topo)
+    task = make_task(cfg)
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = cfg.mesh.rules
+    tx = make_optimizer(t)
+    _, graphdef, state_abs, frozen_abs, state_sh, frozen_sh = S.abstract_setup(
+        task.build, task.trainable, tx, mesh, rules, seed=t.seed, frozen_dtype=t.frozen_dtype)
+    spec = _example_spec(task.examples)
+    b = t.batch_size
+    batch_abs = {k: jax.ShapeDtypeStruct((b,) + s[0], s[1]) for k, s in spec.items()}
+    batch_sh = {k: R.batch_sharding(mesh, v.shape, rules) for k, v in batch_abs.items()}
+    step = jit_train_step(
+        make_train_step(graphdef, task.loss_fn, tx, grad_accum=t.grad_accum, lr_fn=lr_schedule(t), mesh=mesh,
+                        batch_spec=jax.tree.leaves(batch_sh)[0].spec[:1] or (None,)),
+        state_sh, frozen_sh, batch_sh, mesh)
+    compiled = step.lower(state_abs, frozen_abs, batch_abs).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    batch_axes = jax.tree.leaves(batch_sh)[0].spec[:1]
+    batch_split = math.prod(mesh.shape[a] for e in batch_axes if e for a in ((e,) if isinstance(e, str) else e))
+
+    params = _bytes_per_device(state_abs.params, state_sh.params)
+    opt = _bytes_per_device(state_abs.opt_state, state_sh.opt_state)
+    frozen = _bytes_per_device(frozen_abs, frozen_sh)
+    temp = int(mem.temp_size_in_bytes)
+    args = int(mem.argument_size_in_bytes)
+    out = int(mem.output_size_in_bytes)
+    alias = int(mem.alias_size_in_bytes)
+    code = int(getattr(mem, "generated_code_size_in_bytes", 0))
+    total = args + out - alias + temp + code
+    model_flops = task.flops_per_example * b
+    return {
+        "topology": topo.name,
+        "compiled_for": how,
+        "devices": len(devices),
+        "mesh": dict(zip(mesh.axis_names, (int(x) for x in mesh.devices.shape))),
+        "stage": t.stage,
+        "global_batch": b,
+        "per_device_batch": b / batch_split,
+        "grad_accum": t.grad_accum,
+        "trainable_params": int(sum(x.size for x in jax.tree.leaves(state_abs.params))),
+        "frozen_params": int(sum(x.size for x in jax.tree.leaves(frozen_abs))),
+        "bytes_per_chip": {
+            "params_trainable_fp32": params,
+            "params_frozen": frozen,
+            "optimizer_state": opt,
+            "batch": args - params - opt - frozen - _bytes_per_device(state_abs.step, state_sh.step)
+            - _bytes_per_device(state_abs.rng, state_sh.rng),
+            "temporaries_incl_activations": temp,
+            "generated_code": code,
+            "total": total,
+        },
+        "hbm_per_chip": topo.hbm_bytes,
+        "fits": total <= topo.hbm_bytes,
+        "flops_per_step_xla": float(cost.get("flops", 0.0)) * len(devices) if cost else None,
+        "model_flops_per_step": model_flops,
+        "flops_note": task.flops_note,
+    }
+
+
+def search(cfg, topo: Topology, *, progress=print) -> tuple[Optional[dict], list[dict]]:
+    """Plan the family of `topo` from the smallest slice up; the first that fits, and all tried."""
+    tried = []
+    for name in family(topo):
+        candidate = parse_topology(name)
+        try:
+            r = plan(cfg, candidate)
+        except PlanError:
+            raise
+        except Exception as e:  # noqa: BLE001 - this slice cannot hold the mesh/batch: try larger
+            progress(f"plan: {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            tried.append({"topology": name, "error": str(e).splitlines()[0][:200]})
+            continue
+        tried.append(r)
+        progress(f"plan: {name}: {r['bytes_per_chip']['total'] / GIB:.2f} GiB of {r['hbm_per_chip'] / GIB:.0f} "
+                 f"GiB per chip -> {'fits' if r['fits'] else 'does not fit'}")
+        if r["fits"]:
+            return r, tried
+    return None, tried
