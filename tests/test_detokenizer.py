@@ -247,7 +247,7 @@ def test_convert_partial_overlay_over_sdxl_base_round_trips(setup, tmp_path):
         np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
 
 
-def test_convert_full_file_over_jax_base_and_verify(setup, tmp_path):
+def test_convert_full_file_over_jax_base(setup, tmp_path):
     from convert.io import read_state_dict
     from seed_story_jax.checkpoint import save_checkpoint
     from seed_story_jax.models.detokenizer import Detokenizer
@@ -261,13 +261,28 @@ def test_convert_full_file_over_jax_base_and_verify(setup, tmp_path):
     sdxl = _sdxl_base(tmp_path, setup)
     assert _convert(sdxl, tmp_path / "x", "--kind", "detokenizer", "--base", base) == 2  # not an adapter file
     assert not (tmp_path / "x").exists()
-    assert _convert(src, tmp_path / "ckpt", "--kind", "detokenizer", "--base", base, "--verify") == 0
+    assert _convert(src, tmp_path / "ckpt", "--kind", "detokenizer", "--base", base) == 0
     Detokenizer.load(tmp_path / "ckpt")  # everything sampling needs is there
     assert _convert(tmp_path / "ckpt", tmp_path / "out.bin") == 0
     back = read_state_dict(tmp_path / "out.bin")
     assert set(back) == set(sd)
     for k in sd:
         np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_convert_verify(setup, tmp_path):
+    """`--verify`: the resampler against the torch reference and the UNet against diffusers (≤ 1e-4)."""
+    from convert.detokenizer import verify
+    from seed_story_jax.checkpoint import save_checkpoint
+
+    sd = _adapter_sd(setup, _is_kv)
+    src = _save_bin(sd, tmp_path / "pytorch_model.bin")
+    cfg = setup["cfg"]
+    base = save_checkpoint(tmp_path / "base", cfg, {"unet": cunet.from_torch(_np_sd(setup["unet"]), cfg.unet)})
+    assert _convert(src, tmp_path / "ckpt", "--kind", "detokenizer", "--base", base, "--verify") == 0
+    result = verify(src, tmp_path / "ckpt")
+    assert result["ok"] and result["resampler_max_rel"] <= 1e-5 and result["unet_max_rel"] <= 1e-4
 
 
 def test_convert_refuses_bad_files(setup, tmp_path):
@@ -299,3 +314,37 @@ def test_convert_refuses_bad_files(setup, tmp_path):
     src = _save_bin(good, tmp_path / "partial.bin")
     assert _convert(src, tmp_path / "nobase", "--kind", "detokenizer") == 2
     assert not (tmp_path / "nobase").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# seed-story reconstruct
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reconstruct_command(tmp_path):
+    from PIL import Image
+
+    from seed_story_jax.checkpoint import save_checkpoint
+    from seed_story_jax.cli import main
+    from seed_story_jax.config import load_config
+    from seed_story_jax.models import abstract_params
+
+    cfg = load_config("configs/tiny.yaml")
+    rng = np.random.default_rng(1)
+    # Random weights straight from the abstract shapes: no initialisers to compile.
+    comps = {n: jax.tree.map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(a.dtype),
+                             abstract_params(n, getattr(cfg, n)))
+             for n in ("vit", "detokenizer", "unet", "vae")}
+    ckpt = save_checkpoint(tmp_path / "ckpt", cfg, comps)
+    img = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(img)
+    out = tmp_path / "out.png"
+    assert main(["reconstruct", "--ckpt", str(ckpt), str(img), "--out", str(out), "--steps", "3"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (cfg.detokenizer.width, cfg.detokenizer.height) and im.mode == "RGB"
+    # Refusals: existing output, unreadable image — exit 2, nothing written.
+    assert main(["reconstruct", "--ckpt", str(ckpt), str(img), "--out", str(out)]) == 2
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    assert main(["reconstruct", "--ckpt", str(ckpt), str(bad), "--out", str(tmp_path / "o2.png")]) == 2
+    assert not (tmp_path / "o2.png").exists()

@@ -30,6 +30,7 @@ from flax import nnx
 
 from seed_story_jax.config import DetokenizerConfig, SeedStoryConfig
 from seed_story_jax.models.resamplers import ResamplerXLV2
+from seed_story_jax.models.vae import to_uint8
 from seed_story_jax.schedulers import EulerSchedule, euler_schedule, euler_step, scale_model_input
 
 COMPONENTS = ("detokenizer", "unet", "vae")
@@ -87,6 +88,46 @@ def _tick(i) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The one compiled program. Module level, with the graphdefs static: every Detokenizer of the same
+# model shares the compile cache.
+# ---------------------------------------------------------------------------------------------
+
+
+def _program(states, features, uncond_features, seed, stream, schedule: EulerSchedule, guidance, time_ids,
+             *, graphdefs, latents: tuple[int, ...], use_cfg: bool, per_image: bool):
+    g = dict(graphdefs)
+    resampler = nnx.merge(g["detokenizer"], states["detokenizer"])
+    unet = nnx.merge(g["unet"], states["unet"])
+    vae = nnx.merge(g["vae"], states["vae"])
+    b = features.shape[0]
+    ctx, pooled = resampler(features)
+    tids = jnp.broadcast_to(time_ids, (b, time_ids.shape[-1]))
+    if use_cfg:
+        ctx_u, pooled_u = resampler(uncond_features)
+        ctx = jnp.concatenate([jnp.broadcast_to(ctx_u, ctx.shape), ctx], axis=0)
+        pooled = jnp.concatenate([jnp.broadcast_to(pooled_u, pooled.shape), pooled], axis=0)
+        tids = jnp.concatenate([tids, tids], axis=0)
+    x = initial_noise(frame_keys(seed, stream, b, per_image), (b,) + latents) * schedule.init_noise_sigma
+
+    def step(i, x):
+        inp = scale_model_input(x, schedule.sigmas[i])
+        if use_cfg:
+            inp = jnp.concatenate([inp, inp], axis=0)
+        eps = unet(inp, schedule.timesteps[i], ctx, pooled, tids).astype(jnp.float32)
+        if use_cfg:
+            eps_u, eps_c = jnp.split(eps, 2, axis=0)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        jax.debug.callback(_tick, i)  # a no-op on the host unless a caller is listening
+        return euler_step(schedule, i, x, eps)
+
+    x = jax.lax.fori_loop(0, schedule.num_steps, step, x)
+    return to_uint8(vae.decode_latents(x)), x
+
+
+_run = jax.jit(_program, static_argnames=("graphdefs", "latents", "use_cfg", "per_image"))
+
+
+# ---------------------------------------------------------------------------------------------
 # The sampler
 # ---------------------------------------------------------------------------------------------
 
@@ -122,7 +163,6 @@ class Detokenizer:
             nnx.replace_by_pure_dict(state, _int_keys(params[name]))
             self._graphdefs[name], self._states[name] = graphdef, state
         self._stream = 0
-        self._run = jax.jit(self._program, static_argnames=("hw", "use_cfg", "per_image"))
 
     @classmethod
     def load(cls, ckpt_dir) -> "Detokenizer":
@@ -130,41 +170,6 @@ class Detokenizer:
 
         cfg = read_config(ckpt_dir)
         return cls(cfg, {n: load_component(ckpt_dir, n) for n in COMPONENTS})
-
-    # -- the one compiled program ------------------------------------------------------------
-
-    def _program(self, states, features, uncond_features, seed, stream, schedule: EulerSchedule,
-                 guidance, time_ids, *, hw: tuple[int, int], use_cfg: bool, per_image: bool):
-        g = self._graphdefs
-        resampler = nnx.merge(g["detokenizer"], states["detokenizer"])
-        unet = nnx.merge(g["unet"], states["unet"])
-        vae = nnx.merge(g["vae"], states["vae"])
-        b = features.shape[0]
-        ctx, pooled = resampler(features)
-        tids = jnp.broadcast_to(time_ids, (b, time_ids.shape[-1]))
-        if use_cfg:
-            ctx_u, pooled_u = resampler(uncond_features)
-            ctx = jnp.concatenate([jnp.broadcast_to(ctx_u, ctx.shape), ctx], axis=0)
-            pooled = jnp.concatenate([jnp.broadcast_to(pooled_u, pooled.shape), pooled], axis=0)
-            tids = jnp.concatenate([tids, tids], axis=0)
-        shape = latent_shape(self.cfg, b, *hw)
-        x = initial_noise(frame_keys(seed, stream, b, per_image), shape) * schedule.init_noise_sigma
-
-        def step(i, x):
-            inp = scale_model_input(x, schedule.sigmas[i])
-            if use_cfg:
-                inp = jnp.concatenate([inp, inp], axis=0)
-            eps = unet(inp, schedule.timesteps[i], ctx, pooled, tids).astype(jnp.float32)
-            if use_cfg:
-                eps_u, eps_c = jnp.split(eps, 2, axis=0)
-                eps = eps_u + guidance * (eps_c - eps_u)
-            jax.debug.callback(_tick, i)  # a no-op on the host unless a caller is listening
-            return euler_step(schedule, i, x, eps)
-
-        x = jax.lax.fori_loop(0, schedule.num_steps, step, x)
-        from seed_story_jax.models.vae import to_uint8
-
-        return to_uint8(vae.decode_latents(x)), x
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -194,7 +199,7 @@ class Detokenizer:
         if policy not in ("per_image", "free"):
             raise ValueError(f"seed_policy must be per_image or free, got {policy!r}")
         h, w = height or d.height, width or d.width
-        latent_shape(self.cfg, 1, h, w)  # refuses sizes the VAE cannot produce
+        latents = latent_shape(self.cfg, 1, h, w)[1:]  # refuses sizes the VAE cannot produce
         features = features if isinstance(features, jax.Array) else np.asarray(features)
         uncond_features = uncond_features if isinstance(uncond_features, jax.Array) else np.asarray(uncond_features)
         if features.ndim != 3:
@@ -211,9 +216,9 @@ class Detokenizer:
             self._stream += 1
         _progress.fn = on_step
         try:
-            return self._run(self._states, features, uncond_features, np.uint32(seed), np.uint32(stream),
-                             schedule, np.float32(g), tids, hw=(h, w), use_cfg=bool(g > 1.0),
-                             per_image=policy == "per_image")
+            return _run(self._states, features, uncond_features, np.uint32(seed), np.uint32(stream),
+                        schedule, np.float32(g), tids, graphdefs=tuple(sorted(self._graphdefs.items())),
+                        latents=latents, use_cfg=bool(g > 1.0), per_image=policy == "per_image")
         finally:
             if on_step is not None:
                 jax.effects_barrier()
