@@ -202,3 +202,8 @@ def test_xlv2_full_size_count():
     with torch.device("meta"):
         t = ref.ResamplerXLV2()
     assert n == sum(p.numel() for p in t.parameters()) == 61_245_696
+    # The registry's `detokenizer` component is this module.
+    from seed_story_jax.config import DetokenizerConfig
+    from seed_story_jax.models import abstract_params
+
+    assert count_params(abstract_params("detokenizer", DetokenizerConfig())) == 61_245_696
