@@ -249,3 +249,29 @@ def test_generation_matches_reference(tok, mode, compile_counter):
     # Row 0 went through the forced image and on beyond it.
     t0 = list(out.tokens[0, : out.num_generated[0]])
     assert t0[: n + 1] == list(ids.img) + [ids.eoi] and len(t0) > n + 1 and out.has_image[0]
+
+
+def test_george_7b_instantiates_abstractly_with_spec_counts():
+    """configs/george-7b.yaml: spec §2.4 counts — LoRA 39,976,960; resamplers 67,403,776 + 68,190,208
+    trainable; Llama-2-7b at 32066 tokens 6,738,956,288; stage-2 trainable total 438,521,856."""
+    from seed_story_jax.models.resamplers import TRAINABLE
+    from seed_story_jax.nn.params import count_params
+
+    cfg = load_config(resolve_config_path("george-7b"))
+
+    def make():
+        llm = llama_model.build(cfg.llm, nnx.Rngs(0))
+        res = mllm.build(cfg.mllm, nnx.Rngs(1))
+        return (nnx.state(llm, nnx.LoRAParam).to_pure_dict(), nnx.state(llm, nnx.Param).to_pure_dict(),
+                nnx.state(res.input_resampler, TRAINABLE).to_pure_dict(),
+                nnx.state(res.output_resampler, TRAINABLE).to_pure_dict())
+
+    with nnx.use_eager_sharding(False):
+        lora, llm_all, res_in, res_out = jax.eval_shape(make)
+    assert count_params(lora) == 39_976_960
+    assert count_params(llm_all) - count_params(lora) == 6_738_956_288
+    assert count_params(res_in) == 67_403_776 and count_params(res_out) == 68_190_208
+    norms = count_params({k: v for k, v in llm_all["layers"].items() if "layernorm" in k}) + count_params(llm_all["norm"])
+    embeds = count_params(llm_all["embed_tokens"]) + count_params(llm_all["lm_head"])
+    assert norms == 266_240 and embeds == 2 * 131_342_336
+    assert count_params(lora) + norms + embeds + count_params(res_in) + count_params(res_out) == 438_521_856

@@ -146,6 +146,7 @@ def input_embeddings(llm, mllm: AgentResamplers, input_ids, image_feats=None, id
     return merge_image_embeds(embeds, resample_inputs(mllm, image_feats), ids_cmp_mask, embeds_cmp_mask)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ForwardOutput:
     logits: jax.Array  # (B, L, V)
