@@ -421,29 +421,47 @@ def export_checkpoint(ckpt_dir, dst, *, options=None) -> dict:
 
 
 def verify(src, ckpt_dir, *, options=None, batch: int = 2, length: int = 16, seed: int = 0) -> dict[str, Any]:
-    """transformers LlamaForCausalLM (HF dir `src`) vs the Flax model (checkpoint), fp32, same random ids."""
+    """transformers LlamaForCausalLM (HF dir `src`) vs the Flax model (checkpoint), fp32, same random ids.
+
+    When the two sides are stored in different dtypes (a `--dtype` conversion), both sides' weights
+    are rounded through the narrower dtype(s) first, so the check measures the conversion, not the
+    cast."""
     import dataclasses
 
     import jax
     import torch
     import transformers
 
+    from convert.io import open_state_dict
     from seed_story_jax.checkpoint import load_component, read_config
     from seed_story_jax.models.llama import from_params
 
     cfg = read_config(ckpt_dir).llm
     cfg = dataclasses.replace(cfg, param_dtype="float32", dtype="float32", lora=None)
+    params = load_component(ckpt_dir, COMPONENT)
+    narrow = {_dtype_name(jax.tree.leaves(params)[0].dtype), _source_dtype(open_state_dict(src))} - {"float32"}
     ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length))
     ref_model = transformers.LlamaForCausalLM.from_pretrained(src, dtype=torch.float32)
     ref_model.eval()
     with torch.no_grad():
+        for p in ref_model.parameters():
+            for name in sorted(narrow):
+                p.data = p.data.to(getattr(torch, name)).float()
         ref = ref_model(torch.from_numpy(ids)).logits.float().numpy()
     del ref_model
-    params = jax.tree.map(lambda x: np.asarray(x, np.float32), load_component(ckpt_dir, COMPONENT))
+
+    def round_trip(x):
+        x = np.asarray(x)
+        for name in sorted(narrow):
+            x = x.astype(_np_dtype(name))
+        return x.astype(np.float32)
+
+    params = jax.tree.map(round_trip, params)
     with jax.default_matmul_precision("highest"):
         model = from_params(cfg, params, where=str(ckpt_dir))
         ours = np.asarray(model(jax.numpy.asarray(ids))[0], np.float32)
     max_abs = float(np.abs(ours - ref).max())
     max_rel = max_abs / float(np.abs(ref).max())
     return {"max_abs": max_abs, "max_rel": max_rel, "tolerance": TOLERANCE, "ok": bool(max_rel <= TOLERANCE),
-            "inputs": f"{batch}x{length} random ids, seed {seed}"}
+            "inputs": f"{batch}x{length} random ids, seed {seed}, float32"
+                      + (f" (weights rounded through {', '.join(sorted(narrow))})" if narrow else "")}
