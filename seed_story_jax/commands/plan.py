@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from seed_story_jax.config import ConfigError, load_config, resolve_config_path
-    from seed_story_jax.train.plan import GIB, PlanError, parse_topology, plan, search
+    from seed_story_jax.train.plan import PlanError, parse_topology, plan, search
 
     overrides = list(args.overrides) + ([f"train.stage={args.stage}"] if args.stage is not None else [])
     cfg = load_config(resolve_config_path(args.config), overrides)
@@ -43,6 +43,7 @@ def run(args) -> int:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={topo.chips}".strip()
     if topo.platform == "tpu":
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # deviceless: no metadata server to ask
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
         if args.search:
             result, tried = search(cfg, topo, progress=lambda m: print(m, file=sys.stderr))
@@ -58,20 +59,32 @@ def run(args) -> int:
     elif result is None:
         print(f"nothing in {args.topology}'s family fits (largest tried: {report['tried'][-1]['topology']})")
     else:
-        _print(result, GIB)
+        _print(result)
     return 0 if (result is not None and result["fits"]) else 1
 
 
-def _print(r: dict, gib: int) -> None:
+def _print(r: dict) -> None:
     b = r["bytes_per_chip"]
     print(f"topology        {r['topology']} ({r['devices']} devices, {r['compiled_for']})")
     print(f"mesh            {r['mesh']}   stage {r['stage']}   global batch {r['global_batch']} "
           f"({r['per_device_batch']:g} per device, grad_accum {r['grad_accum']})")
     print(f"params          {r['trainable_params']:,} trainable, {r['frozen_params']:,} frozen")
-    print("per chip        GiB")
+    print("per chip        bytes")
     for k, v in b.items():
-        print(f"  {k:<30} {v / gib:9.3f}")
-    print(f"  {'HBM':<30} {r['hbm_per_chip'] / gib:9.3f}   -> {'FITS' if r['fits'] else 'DOES NOT FIT'}")
+        print(f"  {k:<30} {_human(v):>12}")
+    print(f"  {'HBM':<30} {_human(r['hbm_per_chip']):>12}   -> {'FITS' if r['fits'] else 'DOES NOT FIT'}")
+    if r.get("compiler_oom"):
+        print(f"compiler: {r['compiler_oom']}")
+    if r.get("batch_warning"):
+        print(f"warning: {r['batch_warning']}")
     if r["flops_per_step_xla"]:
         print(f"FLOPs/step      {r['flops_per_step_xla']:.4g} (XLA cost analysis, all chips)")
     print(f"model FLOPs     {r['model_flops_per_step']:.4g} per step ({r['flops_note']})")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)

@@ -21,6 +21,7 @@ from flax import nnx
 
 from seed_story_jax.config import SeedStoryConfig
 from seed_story_jax.train.data import SyntheticLM
+from seed_story_jax.train.rules import constrain
 from seed_story_jax.train.task import Bundle, Task, trainable_predicate
 
 MATMUL_LEAVES = ("kernel", "lora_a", "lora_b")
@@ -37,8 +38,17 @@ def cross_entropy(logits, labels):
     return jnp.sum(jnp.where(valid, logz - picked, 0.0)) / n, valid.sum()
 
 
+def embed_sharded(llm, ids):
+    """The token lookup, FSDP style: the table is gathered whole along `embed` first (as every other
+    weight is before use), so the rows come out split by batch like `ids`, not by `embed`."""
+    table = constrain(llm.embed_tokens["embedding"][...], ("vocab", None))
+    return constrain(jnp.take(table, ids, axis=0).astype(llm.dtype), ("batch", "length", None))
+
+
 def lm_loss(model: Bundle, batch: dict, rng):
-    logits, _, _ = model.llm(batch["input_ids"], dropout_key=rng)
+    h = embed_sharded(model.llm, batch["input_ids"])
+    logits, _, _ = model.llm(inputs_embeds=h, dropout_key=rng)
+    logits = constrain(logits, ("batch", "length", "vocab"))
     loss, n = cross_entropy(logits, batch["labels"])
     return loss, {"tokens": n.astype(jnp.float32)}
 

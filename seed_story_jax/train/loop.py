@@ -130,6 +130,8 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
     batch_sh = jax.tree.map(lambda s: R.batch_sharding(mesh, (b,) + s[0], rules), spec,
                             is_leaf=lambda x: isinstance(x, tuple))
     rows = D.local_rows(jax.tree.leaves(batch_sh)[0], b)
+    if primary and (warning := R.batch_warning(mesh, b, rules)):
+        print(f"train: warning: {warning}", file=sys.stderr)
     it = D.batch_iterator(task.examples, b, rows, seed=t.seed)
     if restored is not None:
         start, state, data_state = restored
@@ -182,7 +184,8 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
         compiles_after_first = None
         while step < end:
             batch = D.to_global(next(it), batch_sh, rows, b)
-            state, metrics = step_fn(state, frozen, batch)
+            with R.activation_rules(mesh, rules):
+                state, metrics = step_fn(state, frozen, batch)
             step += 1
             window_steps += 1
             bar.update(1)

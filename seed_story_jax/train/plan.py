@@ -95,15 +95,17 @@ def devices_for(topo: Topology):
     import jax
 
     if topo.platform == "tpu":
+        import importlib.util
+
+        if importlib.util.find_spec("libtpu") is None:
+            raise PlanError(LIBTPU_HINT)
         try:
             from jax.experimental import topologies
 
             desc = topologies.get_topology_desc(topology_name=topo.topology_name, platform="tpu",
                                                 chip_config_name=topo.chip_config,
                                                 chips_per_host_bounds=topo.host_bounds, num_slices=1)
-        except Exception as e:  # noqa: BLE001 - no libtpu, or a shape it refuses
-            if "libtpu" in str(e).lower() or "tpu" in str(e).lower() and "not" in str(e).lower():
-                raise PlanError(f"{LIBTPU_HINT} ({type(e).__name__}: {e})") from None
+        except Exception as e:  # noqa: BLE001 - a shape libtpu refuses
             raise PlanError(f"{topo.name} ({topo.topology_name}): {type(e).__name__}: {e}") from None
         return list(desc.devices), "deviceless TPU topology"
     try:
@@ -157,21 +159,35 @@ def plan(cfg, topo: Topology) -> dict:
         make_train_step(graphdef, task.loss_fn, tx, grad_accum=t.grad_accum, lr_fn=lr_schedule(t), mesh=mesh,
                         batch_spec=jax.tree.leaves(batch_sh)[0].spec[:1] or (None,)),
         state_sh, frozen_sh, batch_sh, mesh)
-    compiled = step.lower(state_abs, frozen_abs, batch_abs).compile()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    batch_axes = jax.tree.leaves(batch_sh)[0].spec[:1]
-    batch_split = math.prod(mesh.shape[a] for e in batch_axes if e for a in ((e,) if isinstance(e, str) else e))
+    with R.activation_rules(mesh, rules):
+        lowered = step.lower(state_abs, frozen_abs, batch_abs)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - the TPU compiler refuses programs that overflow HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled, oom = None, str(e).split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0]
+    if compiled is None:
+        mem, cost = None, None
+    else:
+        mem, oom = compiled.memory_analysis(), ""
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    batch_split = R.batch_split(jax.tree.leaves(batch_sh)[0])
 
     params = _bytes_per_device(state_abs.params, state_sh.params)
     opt = _bytes_per_device(state_abs.opt_state, state_sh.opt_state)
     frozen = _bytes_per_device(frozen_abs, frozen_sh)
-    temp = int(mem.temp_size_in_bytes)
-    args = int(mem.argument_size_in_bytes)
-    out = int(mem.output_size_in_bytes)
-    alias = int(mem.alias_size_in_bytes)
-    code = int(getattr(mem, "generated_code_size_in_bytes", 0))
+    if mem is None:  # only the compiler's message: temporaries alone overflow
+        args = params + opt + frozen
+        temp = _bytes_in(oom) or 0
+        out = alias = code = 0
+    else:
+        temp = int(mem.temp_size_in_bytes)
+        args = int(mem.argument_size_in_bytes)
+        out = int(mem.output_size_in_bytes)
+        alias = int(mem.alias_size_in_bytes)
+        code = int(getattr(mem, "generated_code_size_in_bytes", 0))
     total = args + out - alias + temp + code
     model_flops = task.flops_per_example * b
     return {
@@ -182,6 +198,7 @@ def plan(cfg, topo: Topology) -> dict:
         "stage": t.stage,
         "global_batch": b,
         "per_device_batch": b / batch_split,
+        "batch_warning": R.batch_warning(mesh, b, rules),
         "grad_accum": t.grad_accum,
         "trainable_params": int(sum(x.size for x in jax.tree.leaves(state_abs.params))),
         "frozen_params": int(sum(x.size for x in jax.tree.leaves(frozen_abs))),
@@ -189,14 +206,15 @@ def plan(cfg, topo: Topology) -> dict:
             "params_trainable_fp32": params,
             "params_frozen": frozen,
             "optimizer_state": opt,
-            "batch": args - params - opt - frozen - _bytes_per_device(state_abs.step, state_sh.step)
-            - _bytes_per_device(state_abs.rng, state_sh.rng),
+            "batch": max(0, args - params - opt - frozen - _bytes_per_device(state_abs.step, state_sh.step)
+                         - _bytes_per_device(state_abs.rng, state_sh.rng)),
             "temporaries_incl_activations": temp,
             "generated_code": code,
             "total": total,
         },
         "hbm_per_chip": topo.hbm_bytes,
-        "fits": total <= topo.hbm_bytes,
+        "fits": mem is not None and total <= topo.hbm_bytes,
+        "compiler_oom": oom,
         "flops_per_step_xla": float(cost.get("flops", 0.0)) * len(devices) if cost else None,
         "model_flops_per_step": model_flops,
         "flops_note": task.flops_note,
@@ -222,3 +240,11 @@ def search(cfg, topo: Topology, *, progress=print) -> tuple[Optional[dict], list
         if r["fits"]:
             return r, tried
     return None, tried
+
+
+def _bytes_in(msg: str) -> Optional[int]:
+    """'... HLO temporaries (116.20G) exceeds ...' → bytes (the first size in the message)."""
+    m = re.search(r"\(([\d.]+)([KMGT])\)", msg)
+    if not m:
+        return None
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2)))

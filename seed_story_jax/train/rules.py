@@ -4,6 +4,8 @@ dimension (e.g. the 32066-row vocabulary over tensor=4), so any config compiles 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any
 
@@ -50,3 +52,55 @@ def batch_sharding(mesh, shape, rules) -> NamedSharding:
     """Examples split as the rules map `batch` (data × fsdp by default), fitted to the batch size."""
     names = ("batch",) + (None,) * (len(shape) - 1)
     return logical_sharding(names, shape, mesh, rules)
+
+
+def batch_split(sharding: NamedSharding) -> int:
+    """Into how many parts the leading (example) axis is cut."""
+    entry = sharding.spec[0] if len(sharding.spec) else None
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return math.prod(sharding.mesh.shape[a] for a in axes)
+
+
+def batch_warning(mesh, batch_size: int, rules) -> str:
+    """A message when the batch cannot be split as the rules ask (then each device holds more)."""
+    want = logical_to_mesh(("batch",), rules, mesh.axis_names)[0]
+    axes = () if want is None else (want,) if isinstance(want, str) else tuple(want)
+    n = math.prod(mesh.shape[a] for a in axes)
+    got = batch_split(batch_sharding(mesh, (batch_size,), rules))
+    if got == n:
+        return ""
+    return (f"global batch {batch_size} is not a multiple of the {n} batch shards ({' × '.join(axes)}); "
+            f"it is split {got} ways, so each device holds {batch_size // got} examples instead of "
+            f"{batch_size / n:g}: choose a multiple of {n}")
+
+
+# ------------------------------------------------------------------------------ activations
+
+_RULES: contextvars.ContextVar = contextvars.ContextVar("seed_story_activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(mesh, rules):
+    """Trace under `mesh` with `rules`, so `constrain` pins activations (the train step)."""
+    import jax
+
+    token = _RULES.set(tuple(rules))
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _RULES.reset(token)
+
+
+def constrain(x, names):
+    """Pin an activation's sharding by logical names (fitted to its shape); a no-op outside
+    `activation_rules`. Without it GSPMD may follow a weight's sharding instead: the embedding
+    lookup would leave activations split over `embed` and the batch replicated on every device."""
+    import jax
+
+    rules = _RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh is None or mesh.empty:
+        return x
+    spec = fit_spec(logical_to_mesh(tuple(names), rules, mesh.axis_names), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, spec)
