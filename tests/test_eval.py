@@ -1,0 +1,192 @@
+"""Evaluation metrics (seed_story_jax/evaluate.py) on constructed inputs, the teacher-forced
+aggregation against the stage-2 loss of models/mllm.py, and `seed-story eval`.
+
+Tolerances: cosines of constructed vectors exact to 1e-12 (float64); the teacher-forced CE and
+feature cosine equal mllm.loss_fn's lm_loss and 1 − rec_loss on the same samples to 1e-5 relative
+(fp32, batches padded differently)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline import synth
+from seed_story_jax import evaluate as E
+
+# ---------------------------------------------------------------------------------------------- pure
+
+
+def test_perplexity_and_cosine():
+    assert E.perplexity(0.0) == 1.0
+    assert E.perplexity(math.log(37.0)) == pytest.approx(37.0, rel=1e-12)
+    assert E.perplexity(1e4) == math.inf
+    a = np.array([[1.0, 2.0, 3.0]])
+    assert E.cosine(a, 5 * a)[0] == pytest.approx(1.0, abs=1e-12)
+    assert E.cosine(a, -a)[0] == pytest.approx(-1.0, abs=1e-12)
+    assert E.cosine([1.0, 0.0], [0.0, 2.0]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_feature_cosine():
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((3, 16, 64))
+    assert E.feature_cosine(t * rng.uniform(0.5, 2.0, (3, 16, 1)), t) == pytest.approx(1.0, abs=1e-12)
+    assert E.feature_cosine(-t, t) == pytest.approx(-1.0, abs=1e-12)
+    assert abs(E.feature_cosine(rng.standard_normal((3, 16, 64)), t)) < 0.1  # unrelated ≈ 0
+    # one token flipped out of 16 in one of 3 images: mean cosine (47·1 − 1)/48
+    half = t.copy()
+    half[1, 5] *= -1
+    assert E.feature_cosine(half, t) == pytest.approx(46 / 48, abs=1e-12)
+    with pytest.raises(ValueError, match="shapes differ"):
+        E.feature_cosine(t[:, :8], t)
+
+
+def test_consistency_rewards_groups_not_sameness():
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((4, 32))
+    groups = [g for g in range(4) for _ in range(5)]
+    clustered = centres[groups] + 0.1 * rng.standard_normal((20, 32))
+    c = E.consistency(clustered, groups)
+    assert c["within"] > 0.95 and c["margin"] > 0.5
+    assert c["pairs_within"] == 4 * 10 and c["pairs_across"] == 190 - 40
+    # the same vectors under shuffled labels: no structure left
+    shuffled = E.consistency(clustered, list(rng.permutation(groups)))
+    assert abs(shuffled["margin"]) < 0.25 < c["margin"]
+    # a painter that paints every frame alike is perfectly "similar" but has a zero margin
+    same = E.consistency(np.tile(centres[:1], (20, 1)), groups)
+    assert same["within"] == pytest.approx(1.0) and same["margin"] == pytest.approx(0.0, abs=1e-12)
+    # tuple labels (story, character) and groups of one
+    one = E.consistency(centres[:3], [("s", "Pip"), ("s", "Bo"), ("t", "Pip")])
+    assert one["pairs_within"] == 0 and math.isnan(one["within"]) and math.isnan(one["margin"])
+    with pytest.raises(ValueError):
+        E.consistency(centres, [0, 1])
+
+
+def _frames(seed=3, frames=6, size=64):
+    images, captions, truths = synth.make_story(seed, 0, frames, size)
+    return images, captions, truths
+
+
+def test_character_scores_on_true_and_broken_frames():
+    images, _, truths = _frames()
+    ok = E.character_scores(images, truths)
+    assert ok["character_accuracy"] == 1.0 and ok["frame_exact"] == 1.0 and ok["background_ok"] == 1.0
+    assert ok["frames"] == 6 and ok["characters"] == sum(len(t["characters"]) for t in truths)
+
+    # a blank sky-coloured picture: no character, so nothing right
+    blank = [np.full((64, 64, 3), t["sky"], np.uint8) for t in truths]
+    none = E.character_scores(blank, truths)
+    assert none["character_accuracy"] == 0.0 and none["frame_exact"] == 0.0 and none["recall"] == 0.0
+
+    # every frame shifted right by a third of the width: characters found, but in the wrong place
+    shifted = [np.roll(np.asarray(im), 21, axis=1) for im in images]
+    moved = E.character_scores(shifted, truths, centre_tol=0.15)
+    assert moved["recall"] > 0.5 and moved["character_accuracy"] < 0.5
+    assert E.character_scores(shifted, truths, centre_tol=0.6)["character_accuracy"] > moved["character_accuracy"]
+
+    # one character painted in a colour nobody in the frame has: wrong, and the frame is not exact
+    t0 = truths[0]
+    c = t0["characters"][0]
+    other = next(n for n in synth.COLOURS if n not in {x["colour"] for x in t0["characters"]})
+    arr = np.asarray(images[0]).copy()
+    mask = np.sqrt(((arr.astype(float) - c["rgb"]) ** 2).sum(-1)) <= 60
+    arr[mask] = synth.COLOURS[other]
+    s = E.character_scores([arr], [t0])
+    assert s["frame_exact"] == 0.0
+    assert s["character_accuracy"] == pytest.approx((len(t0["characters"]) - 1) / len(t0["characters"]))
+    with pytest.raises(ValueError):
+        E.character_scores(images[:2], truths)
+
+
+def test_crop_box():
+    img = np.zeros((40, 80, 3), np.uint8)
+    assert E.crop_box(img, (0.25, 0.25, 0.75, 0.75), pad=0.0).size == (40, 20)
+    assert E.crop_box(img, (0.25, 0.25, 0.75, 0.75), pad=0.5).size == (80, 40)  # clamped to the image
+    assert E.crop_box(img, (0.99, 0.99, 1.0, 1.0), pad=0.0).size == (2, 2)  # at least 2 px, inside
+    img[10:20, 20:40] = 255
+    crop = np.asarray(E.crop_box(img, (0.25, 0.25, 0.5, 0.5), pad=0.0))
+    assert crop.shape == (10, 20, 3) and crop.min() == 255
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny checkpoint with llm/mllm/vit params drawn with numpy (no XLA init compile), a tokenizer
+    trained on synthetic captions, and a synthetic data set with a val split."""
+    import jax
+    from flax import nnx
+
+    from seed_story_jax.checkpoint import save_checkpoint
+    from seed_story_jax.config import load_config, resolve_config_path
+    from seed_story_jax.models import build
+    from seed_story_jax.tokenizer import train_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("eval")
+    synth.write_synthetic(root / "data", stories=2, val_stories=3, frames=6, size=32, seed=0, progress=False)
+    caps = [c for line in (root / "data" / "train.jsonl").read_text().splitlines() for c in json.loads(line)["captions"]]
+    tok = train_tiny_tokenizer(root / "tok", caps * 4, vocab_size=320)
+    cfg = load_config(resolve_config_path("tiny"), [f"llm.vocab_size={tok.vocab_size}"])
+    rng = np.random.default_rng(0)
+    comps = {}
+    for name in ("llm", "mllm", "vit"):
+        abstract = jax.eval_shape(lambda: nnx.state(build(name, getattr(cfg, name), nnx.Rngs(0)), nnx.Param)
+                                  .to_pure_dict())
+        comps[name] = jax.tree.map(lambda s: (0.08 * rng.standard_normal(s.shape)).astype(s.dtype), abstract)
+    save_checkpoint(root / "ckpt", cfg, comps, tokenizer_dir=root / "tok")
+    return root
+
+
+def test_load_stories(tiny, tmp_path):
+    from seed_story_jax.errors import DataError
+
+    st = E.load_stories(tiny / "data", "val")
+    assert len(st) == 3 and all(len(s.images) == 6 == len(s.captions) == len(s.truths) for s in st)
+    assert E.load_stories(tiny / "data", "val", limit=2)[1].key == st[1].key
+    with pytest.raises(DataError, match="neither"):
+        E.load_stories(tmp_path, "val")
+    with pytest.raises(FileNotFoundError):
+        E.load_stories(tmp_path / "nope", "val")
+
+
+def test_teacher_forced_matches_the_stage2_loss(tiny):
+    """Per-row sums over padded batches give exactly the token-weighted CE and per-image cosine
+    that mllm.loss_fn computes over all samples at once."""
+    import jax.numpy as jnp
+
+    from seed_story_jax.models import mllm as M
+
+    models = E.Models.load(tiny / "ckpt")
+    stories = E.load_stories(tiny / "data", "val")
+    got = E.teacher_forced(models, stories, batch_size=4)  # the last batch is padded
+    samples = []
+    for st in stories:
+        samples += E.story_samples(st, models.judge.features(st.images), models.tokenizer, models.cfg)
+    assert got["samples"] == len(samples) and len(samples) % 4 and len(samples) >= 6  # (≤ 5 per story)
+    batch = {k: jnp.asarray(np.stack([s[k] for s in samples])) for k in samples[0] if k != "feats"}
+    feats = jnp.asarray(np.stack([s["feats"] for s in samples]))
+    _, m = M.loss_fn(models.llm, models.mllm, batch, feats, max_gen=1)
+    assert got["tokens"] == int(m["lm_tokens"])
+    assert got["text_ce"] == pytest.approx(float(m["lm_loss"]), rel=1e-5)
+    assert got["feature_cosine"] == pytest.approx(1.0 - float(m["rec_loss"]), rel=1e-5, abs=1e-6)
+    assert got["perplexity"] == pytest.approx(math.exp(got["text_ce"]), rel=1e-9)
+    # random weights know nothing: CE near ln(vocab)
+    assert abs(got["text_ce"] - math.log(models.cfg.llm.vocab_size)) < 1.0
+
+
+def test_eval_cli_teacher_forced(tiny, tmp_path, capsys):
+    from seed_story_jax.cli import main
+
+    out = tmp_path / "report.json"
+    rc = main(["eval", "--ckpt", str(tiny / "ckpt"), "--data", str(tiny / "data"), "--out", str(out),
+               "--teacher-forced-only", "--stories", "2", "--no-progress"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["stories"] == 2 and 0 < report["teacher_forced"]["samples"] <= 2 * 5
+    assert "perplexity" in capsys.readouterr().out
+    rc = main(["eval", "--ckpt", str(tiny / "ckpt"), "--data", str(tiny / "data"), "--policies", "bogus"])
+    assert rc == 2 and "bogus" in capsys.readouterr().err
+    rc = main(["eval", "--ckpt", str(tmp_path / "missing"), "--data", str(tiny / "data")])
+    assert rc == 2
