@@ -188,10 +188,6 @@ def _numpy(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def _int_keys(tree):
-    if isinstance(tree, Mapping):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
-    return tree
 
 
 def read_base(base) -> tuple[SeedStoryConfig, dict]:
@@ -208,7 +204,7 @@ def read_base(base) -> tuple[SeedStoryConfig, dict]:
         have = components_of(base)
         if "unet" not in have or cfg.unet is None:
             raise ConversionError(f"{base}: the base checkpoint has no unet", file=base)
-        params = {n: _int_keys(_numpy(load_component(base, n))) for n in ("unet", "vae") if n in have}
+        params = {n: _numpy(load_component(base, n)) for n in ("unet", "vae") if n in have}
         return cfg, params
     if not (base / "unet" / "config.json").is_file():
         raise ConversionError(f"{base}: not an SDXL directory (no unet/config.json) nor a JAX checkpoint", file=base)
@@ -298,7 +294,7 @@ def export_checkpoint(ckpt_dir, dst, *, options=None) -> dict:
     if cfg.detokenizer is None or "detokenizer" not in components_of(ckpt_dir):
         raise ConversionError(f"{ckpt_dir}: no detokenizer component", file=ckpt_dir)
     names = ["detokenizer"] + (["unet"] if "unet" in components_of(ckpt_dir) else [])
-    params = {n: _int_keys(_numpy(load_component(ckpt_dir, n))) for n in names}
+    params = {n: _numpy(load_component(ckpt_dir, n)) for n in names}
     unet_keys = manifest.get("source_unet_keys")
     sd = to_torch(params, cfg, unet_keys=unet_keys)
     dtype = getattr(options, "dtype", None)
@@ -349,7 +345,7 @@ def verify(src, ckpt_dir, *, options=None) -> dict:
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: ResamplerXLV2(rcfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
-    p = _int_keys(_numpy(load_component(ckpt_dir, "detokenizer")))
+    p = _numpy(load_component(ckpt_dir, "detokenizer"))
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p))
     with jax.default_matmul_precision("highest"):
         got = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
@@ -361,7 +357,7 @@ def verify(src, ckpt_dir, *, options=None) -> dict:
 
         ucfg = cfg.unet
         tmodel = UNet2DConditionModel.from_config(cu.config_to_diffusers(ucfg)).eval()
-        uparams = _int_keys(_numpy(load_component(ckpt_dir, "unet")))
+        uparams = _numpy(load_component(ckpt_dir, "unet"))
         tmodel.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32))
                                 for k, v in cu.to_torch(uparams, ucfg).items()})
         size = 8 * 2 ** (len(ucfg.block_out_channels) - 1) if ucfg.block_out_channels[0] >= 320 else 16

@@ -112,17 +112,25 @@ def save_checkpoint(
     return Path(path)
 
 
+def int_keys(tree):
+    """Orbax stores every dict key as a string; nnx list indices (layer numbers) are ints again."""
+    if isinstance(tree, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): int_keys(v) for k, v in tree.items()}
+    return tree
+
+
 def load_component(path: str | os.PathLike, name: str, target: Any = None) -> dict:
-    """Restore one component. `target`: optional abstract tree (ShapeDtypeStruct with shardings)."""
+    """Restore one component (list indices back to ints). `target`: optional abstract tree
+    (ShapeDtypeStruct with shardings) to restore sharded."""
     p = Path(path) / "params" / name
     if not p.is_dir():
         raise CheckpointError(f"{Path(path)}: no component {name!r} (have: {components_of(path)})")
     import orbax.checkpoint as ocp
 
     if target is None:
-        return _checkpointer().restore(p.resolve())
+        return int_keys(_checkpointer().restore(p.resolve()))
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-    return _checkpointer().restore(p.resolve(), args=args)
+    return int_keys(_checkpointer().restore(p.resolve(), args=args))
 
 
 def components_of(path: str | os.PathLike) -> list[str]:

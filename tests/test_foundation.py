@@ -94,3 +94,21 @@ def test_compile_counter_counts_new_shapes_only():
     with CompileCounter() as c:
         f(a); f(a); f(b)
     assert c.count == 2
+
+
+def test_sincos_2d_equals_qwen_float32_recipe():
+    """Bit-exact against Qwen-VL's recipe restated here (float32 grid/omega, in-place divide)."""
+    from seed_story_jax.nn.posemb import sincos_2d
+
+    def one_d(d, pos):
+        omega = np.arange(d // 2, dtype=np.float32)
+        omega /= d / 2.
+        omega = 1. / 10000**omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    g, d = 16, 64
+    grid = np.meshgrid(np.arange(g, dtype=np.float32), np.arange(g, dtype=np.float32))
+    ref = np.concatenate([one_d(d // 2, grid[0]), one_d(d // 2, grid[1])], axis=1)
+    out = sincos_2d(d, g)
+    assert out.dtype == np.float32 and np.array_equal(out, ref)

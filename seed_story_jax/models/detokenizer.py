@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from seed_story_jax.checkpoint import int_keys
 from seed_story_jax.config import DetokenizerConfig, SeedStoryConfig
 from seed_story_jax.models.resamplers import ResamplerXLV2
 from seed_story_jax.models.vae import to_uint8
@@ -132,11 +133,6 @@ _run = jax.jit(_program, static_argnames=("graphdefs", "latents", "use_cfg", "pe
 # ---------------------------------------------------------------------------------------------
 
 
-def _int_keys(tree):
-    """Orbax restores nnx.List indices as strings; the module state wants ints."""
-    if isinstance(tree, Mapping):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
-    return tree
 
 
 class Detokenizer:
@@ -160,7 +156,7 @@ class Detokenizer:
             with nnx.use_eager_sharding(False):
                 abstract = nnx.eval_shape(lambda: mod.build(section, nnx.Rngs(0)))
             graphdef, state = nnx.split(abstract)
-            nnx.replace_by_pure_dict(state, _int_keys(params[name]))
+            nnx.replace_by_pure_dict(state, int_keys(params[name]))
             self._graphdefs[name], self._states[name] = graphdef, state
         self._stream = 0
 

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from seed_story_jax.checkpoint import int_keys
 from seed_story_jax.config import ViTConfig
 from seed_story_jax.models.resamplers import FrozenParam, QwenResampler, key_pos_table, layer_norm
 from seed_story_jax.nn.attention import attention
@@ -193,7 +194,7 @@ def load(ckpt_dir, *, dtype=None) -> QwenViT:
     override (default: the config's)."""
     import dataclasses
 
-    from seed_story_jax.checkpoint import load_component, read_config
+    from seed_story_jax.checkpoint import int_keys, load_component, read_config
 
     cfg = read_config(ckpt_dir).vit
     if cfg is None:
@@ -217,14 +218,10 @@ def from_params(cfg: ViTConfig, params: dict) -> QwenViT:
 def set_params(model: QwenViT, params: dict) -> None:
     """Write a params tree (the checkpoint format) into `model`; orbax turns list indices into strings."""
     state = nnx.state(model, nnx.Param)
-    state.replace_by_pure_dict(_int_keys(params))
+    state.replace_by_pure_dict(int_keys(params))
     nnx.update(model, state)
 
 
-def _int_keys(tree):
-    if isinstance(tree, dict):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
-    return tree
 
 
 def make_encoder(model: QwenViT):

@@ -1,6 +1,6 @@
 """Position tables the original builds at run time, computed once here with its exact semantics.
 
-* `sincos_2d(dim, grid)`: MAE's 2-D sin-cos table as Qwen-VL builds it (float64 numpy, then float32):
+* `sincos_2d(dim, grid)`: MAE's 2-D sin-cos table as Qwen-VL builds it (float32 numpy throughout):
   first half of the channels from the column (w) coordinate, second half from the row (h).
 * `torch_bicubic_resize(table, out_grid)`: `torch.nn.functional.interpolate(mode="bicubic",
   align_corners=False)` on a (G*G, C) table viewed as (1, C, G, G): cubic convolution with A = -0.75,
@@ -60,11 +60,14 @@ def torch_bicubic_resize(table: np.ndarray, out_grid: int) -> np.ndarray:
 
 
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
+    # float32 throughout, the same numpy operations in the same order as Qwen-VL's
+    # get_1d_sincos_pos_embed_from_grid, so a freshly built table equals the original bit for bit.
     if dim % 2:
         raise ValueError(f"sin-cos dim must be even, got {dim}")
-    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
+    omega = np.arange(dim // 2, dtype=np.float32)
+    omega /= dim / 2.0
     omega = 1.0 / 10000**omega
-    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
