@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -495,7 +494,8 @@ def export_checkpoint(ckpt_dir, dst, *, options=None) -> dict:
     read_manifest(ckpt_dir)
     cfg = read_config(ckpt_dir)
     if cfg.llm is None or cfg.mllm is None:
-        raise ConversionError(f"{ckpt_dir}: an agent checkpoint needs llm and mllm sections", file=ckpt_dir / "config.yaml")
+        raise ConversionError(f"{ckpt_dir}: an agent checkpoint needs llm and mllm sections",
+                              file=ckpt_dir / "config.yaml")
     if dst.exists():
         raise ConversionError(f"{dst}: already exists (refusing to overwrite)", file=dst)
     params = {"llm": load_component(ckpt_dir, "llm"), "mllm": load_component(ckpt_dir, "mllm")}
@@ -557,8 +557,7 @@ def verify(src, ckpt_dir, *, options=None, batch: int = 2, length: int = 16, see
 
     from convert.io import open_state_dict
     from convert.torch_ref.resamplers import Resampler
-    from seed_story_jax import models
-    from seed_story_jax.models import mllm as _mllm  # noqa: F401  (models.mllm below)
+    from seed_story_jax.models import mllm as mllm_model
     from seed_story_jax.checkpoint import is_checkpoint, load_component, read_config, read_manifest
     from seed_story_jax.models import llama as llama_model
 
@@ -609,7 +608,7 @@ def verify(src, ckpt_dir, *, options=None, batch: int = 2, length: int = 16, see
         mcfg = dataclasses.replace(mcfg, input_resampler=dataclasses.replace(mcfg.input_resampler, **f32),
                                    output_resampler=dataclasses.replace(mcfg.output_resampler, **f32))
         with nnx.use_eager_sharding(False):
-            graphdef, state = nnx.split(nnx.eval_shape(lambda: models.mllm.build(mcfg, nnx.Rngs(0))))
+            graphdef, state = nnx.split(nnx.eval_shape(lambda: mllm_model.build(mcfg, nnx.Rngs(0))))
         mparams = jax.tree.map(lambda x: np.asarray(x, np.float32), load_component(ckpt_dir, "mllm"))
         state.replace_by_pure_dict(mparams, replace_fn=lambda var, x: var.replace(jax.numpy.asarray(x)))
         res = nnx.merge(graphdef, state)

@@ -6,8 +6,6 @@ Exactness: keep-LoRA tensors and the round trip are bit-exact; merged kernels eq
 computed in torch fp32 to 1e-6 absolute (summation order may differ by an ulp); the merged model's
 logits equal the torch peft reference's to 1e-5 relative."""
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -101,8 +99,10 @@ def test_merged_import_with_base_from_trained_only(src, tmp_path, capsys):
             layer = llm["layers"][str(i)] if str(i) in llm["layers"] else llm["layers"][i]
             np.testing.assert_allclose(np.asarray(layer[group][t]["kernel"]), want, rtol=0, atol=1e-6)
             assert not np.allclose(want, _np(w).T)  # the adapters matter
-    np.testing.assert_array_equal(np.asarray(llm["norm"]["scale"]), _np(full[P + "model.norm.modules_to_save.default.weight"]))
-    np.testing.assert_array_equal(np.asarray(llm["embed_tokens"]["embedding"]), _np(full[P + "model.embed_tokens.weight"]))
+    np.testing.assert_array_equal(np.asarray(llm["norm"]["scale"]),
+                                  _np(full[P + "model.norm.modules_to_save.default.weight"]))
+    np.testing.assert_array_equal(np.asarray(llm["embed_tokens"]["embedding"]),
+                                  _np(full[P + "model.embed_tokens.weight"]))
     mllm = load_component(dst, "mllm")
     want = qwen_resampler_from_torch({k: _np(v) for k, v in full.items()}, "output_resampler.", input_tokens=4)
     np.testing.assert_array_equal(np.asarray(mllm["output_resampler"]["key_pos_embed"]), want["key_pos_embed"])

@@ -18,7 +18,6 @@ from convert import agent as conv
 from data_pipeline.samples import build_sample, image_string
 from seed_story_jax.config import LoRAConfig, load_config, resolve_config_path
 from seed_story_jax.generate import GenerateOptions
-from seed_story_jax.models import build as build_component
 from seed_story_jax.models import llama as llama_model
 from seed_story_jax.models import mllm
 from seed_story_jax.tokenizer import train_tiny_tokenizer
@@ -134,7 +133,8 @@ def test_forward_and_losses_match_reference(tok, n):
     with torch.no_grad():
         want = t_agent(
             input_ids=torch.from_numpy(batch["input_ids"]).long(), labels=torch.from_numpy(batch["labels"]).long(),
-            image_embeds=torch.from_numpy(feats[valid]), embeds_gen_mask=torch.from_numpy(batch["embeds_gen_mask"][valid]),
+            image_embeds=torch.from_numpy(feats[valid]),
+            embeds_gen_mask=torch.from_numpy(batch["embeds_gen_mask"][valid]),
             embeds_cmp_mask=torch.from_numpy(batch["embeds_cmp_mask"][valid]),
             ids_gen_mask=torch.from_numpy(batch["ids_gen_mask"]), ids_cmp_mask=torch.from_numpy(batch["ids_cmp_mask"]))
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -271,7 +271,8 @@ def test_george_7b_instantiates_abstractly_with_spec_counts():
     assert count_params(lora) == 39_976_960
     assert count_params(llm_all) - count_params(lora) == 6_738_956_288
     assert count_params(res_in) == 67_403_776 and count_params(res_out) == 68_190_208
-    norms = count_params({k: v for k, v in llm_all["layers"].items() if "layernorm" in k}) + count_params(llm_all["norm"])
+    norms = count_params({k: v for k, v in llm_all["layers"].items() if "layernorm" in k})
+    norms += count_params(llm_all["norm"])
     embeds = count_params(llm_all["embed_tokens"]) + count_params(llm_all["lm_head"])
     assert norms == 266_240 and embeds == 2 * 131_342_336
     assert count_params(lora) + norms + embeds + count_params(res_in) + count_params(res_out) == 438_521_856

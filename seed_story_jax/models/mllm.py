@@ -449,7 +449,8 @@ class AgentGenerator:
         tokens, lengths = inputs["tokens"], inputs["lengths"]
         cap = capacity or self._gen.cache_capacity(tokens.shape[1], options.max_new_tokens)
         if int(lengths.max()) + options.max_new_tokens > cap:
-            raise ValueError(f"cache capacity {cap} < prompt {int(lengths.max())} + {options.max_new_tokens} new tokens")
+            raise ValueError(f"cache capacity {cap} < prompt {int(lengths.max())} + "
+                             f"{options.max_new_tokens} new tokens")
         logits, _, cache = self.prefill(inputs, self.new_cache(len(prompts), cap))
         last = tokens[np.arange(len(prompts)), lengths - 1]
         out, count, _, feats, has = self.decode(logits, last, cache, options)
