@@ -69,24 +69,23 @@ class Attention(nnx.Module):
         return apply_rope(k, cos, sin)
 
     def __call__(self, x, cos, sin, mask, kv_io, dropout_key=None):
-        """kv_io: None (attend within x) or (k_all, v_all, layer, write) for the cache."""
+        """kv_io: None (attend within x) or (k_layer, v_layer, write): this layer's cache buffers
+        (B, C, K, D) and the chunk's planned write; returns the updated buffers."""
         b, t, _ = x.shape
         dk = _split(dropout_key, 4)
         q = checkpoint_name(self.q_proj(x, dk[0]), "q_proj").reshape(b, t, self.num_heads, self.head_dim)
         k = checkpoint_name(self.k_proj(x, dk[1]), "k_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         v = checkpoint_name(self.v_proj(x, dk[2]), "v_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         q = apply_rope(q, cos, sin)
+        k = self.rotate_keys(k, cos, sin)
         if kv_io is None:
-            out, new_kv = attention(q, self.rotate_keys(k, cos, sin), v, mask=mask), None
+            out, new_kv = attention(q, k, v, mask=mask), None
         else:
-            k_all, v_all, layer, write = kv_io
-            shifted = write.key_cos is not None  # cache holds pre-RoPE keys, rotated by place in cache
-            k_all = kvc.write_layer(k_all, layer, write, k if shifted else self.rotate_keys(k, cos, sin))
-            v_all = kvc.write_layer(v_all, layer, write, v)
-            ks, vs = kvc.read_layer(k_all, layer), kvc.read_layer(v_all, layer)
-            if shifted:
-                ks = self.rotate_keys(ks, write.key_cos, write.key_sin)
-            out, new_kv = attention(q, ks.astype(q.dtype), vs.astype(q.dtype), mask=mask), (k_all, v_all)
+            k_buf, v_buf, write = kv_io
+            # Layer-local buffers: a write touches this layer's (B, C, K, D) only, never the stack.
+            k_buf = kvc.write_layer(k_buf[None], 0, write, k)[0]
+            v_buf = kvc.write_layer(v_buf[None], 0, write, v)[0]
+            out, new_kv = attention(q, k_buf.astype(q.dtype), v_buf.astype(q.dtype), mask=mask), (k_buf, v_buf)
         return self.o_proj(out.reshape(b, t, -1), dk[3]), new_kv
 
 
@@ -197,12 +196,15 @@ class Llama(nnx.Module):
         return logits, hidden, cache
 
     def _layers(self, h, cos, sin, mask, kv, write, dropout_key):
+        """Run the decoder stack; kv: None or the stacked (k, v) cache buffers (L, B, C, K, D).
+        Each layer reads and writes only its own slice (scan: as xs/ys; unrolled: slice and
+        update in place), so a step moves O(L·C) cache bytes, not O(L²·C)."""
         n = self.cfg.num_layers
         keys = None if dropout_key is None else jax.random.split(dropout_key, n)
 
-        def apply(graphdef, state, h, kv, layer, key):
+        def apply(graphdef, state, h, kv_layer, key):
             mod = nnx.merge(graphdef, state)
-            kv_io = None if kv is None else (kv[0], kv[1], layer, write)
+            kv_io = None if kv_layer is None else (kv_layer[0], kv_layer[1], write)
             return mod(h, cos, sin, mask, kv_io, key)
 
         if self.cfg.remat != "none":
@@ -211,17 +213,17 @@ class Llama(nnx.Module):
         if self.cfg.scan_layers:
             graphdef, state = nnx.split(self.layers)
 
-            def body(carry, xs):
-                h, kv = carry
-                st, layer, key = xs
-                h, kv = apply(graphdef, st, h, kv, layer, key)
-                return (h, kv), None
+            def body(h, xs):
+                st, kv_layer, key = xs
+                return apply(graphdef, st, h, kv_layer, key)
 
-            (h, kv), _ = jax.lax.scan(body, (h, kv), (state, jnp.arange(n, dtype=jnp.int32), keys))
-            return h, kv
+            return jax.lax.scan(body, h, (state, kv, keys))
         for i, layer_mod in enumerate(self.layers):
             graphdef, state = nnx.split(layer_mod)
-            h, kv = apply(graphdef, state, h, kv, jnp.int32(i), None if keys is None else keys[i])
+            h, new = apply(graphdef, state, h, None if kv is None else (kv[0][i], kv[1][i]),
+                           None if keys is None else keys[i])
+            if kv is not None:
+                kv = (kv[0].at[i].set(new[0]), kv[1].at[i].set(new[1]))
         return h, kv
 
 
