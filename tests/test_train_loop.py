@@ -132,6 +132,49 @@ def test_checkpoint_moves_between_meshes(ref222, tmp_path, mesh):
     assert len(q.sharding.device_set) == int(np.prod(mesh))
 
 
+def test_unreadable_checkpoint_is_set_aside(ref222, tmp_path):
+    """A step directory that fails to restore (files lost after the commit) is moved aside with a
+    message and the run resumes from the previous one, exactly."""
+    wd, _ = ref222
+    dst = tmp_path / "run"
+    shutil.copytree(wd, dst)
+    for f in (dst / "checkpoints" / "6" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"")
+    res = loop.run(_cfg(), dst, progress=False, stop_at=6)
+    assert res.step == 6
+    names = sorted(d.name for d in (dst / "checkpoints").iterdir())
+    assert "6" in names and any(n.startswith("6.unreadable-") for n in names)
+    ref, got = _losses(wd), _losses(dst)
+    assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]
+
+
+def test_init_from_a_checkpoint_and_frozen_params_survive_resume(tmp_path):
+    """train.init loads pretrained params (here: a tiny Llama built from another seed) into the
+    trainable and frozen trees; only lm_head trains; a resume rebuilds the frozen params from init."""
+    from flax import nnx
+
+    from seed_story_jax.checkpoint import save_checkpoint
+    from seed_story_jax.models import llama
+
+    base = _cfg(mesh=(1, 1, 1))
+    with nnx.use_eager_sharding(False):
+        pre = nnx.state(llama.build(base.llm, nnx.Rngs(7)), nnx.Param).to_pure_dict()
+    save_checkpoint(tmp_path / "pre", base, {"llm": jax.tree.map(np.asarray, pre)})
+    over = ("train.trainable_regex=lm_head", f"train.init={tmp_path / 'pre'}")
+    first = loop.run(_cfg(*over, mesh=(1, 1, 1)), tmp_path / "a", progress=False, stop_at=2)
+    assert list(first.state.params["llm"]) == ["lm_head"]
+    np.testing.assert_array_equal(np.asarray(first.frozen["llm"]["embed_tokens"]["embedding"]),
+                                  pre["embed_tokens"]["embedding"])
+    resumed = loop.run(_cfg(*over, mesh=(1, 1, 1)), tmp_path / "a", progress=False, stop_at=4)
+    np.testing.assert_array_equal(np.asarray(resumed.frozen["llm"]["layers"][1]["mlp"]["up_proj"]["kernel"]),
+                                  pre["layers"][1]["mlp"]["up_proj"]["kernel"])
+    straight = loop.run(_cfg(*over, mesh=(1, 1, 1)), tmp_path / "b", progress=False, stop_at=4)
+    assert straight.step == resumed.step == 4
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
+
+
 def test_grad_accumulation_matches_one_batch(one_device, tmp_path):
     b = loop.run(_cfg("train.grad_accum=2", mesh=(1, 1, 1)), tmp_path, progress=False, stop_at=3)
     assert b.step == 3

@@ -46,6 +46,7 @@ class RunResult:
     step: int
     last_checkpoint: Optional[int]
     state: Any = None  # the final TrainState (sharded jax arrays)
+    frozen: Any = None  # the frozen params
 
 
 def checkpoint_manager(workdir: Path, keep: int, async_save: bool):
@@ -54,22 +55,38 @@ def checkpoint_manager(workdir: Path, keep: int, async_save: bool):
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                         enable_async_checkpointing=async_save)
     return ocp.CheckpointManager((workdir / "checkpoints").resolve(), options=opts,
-                                 item_names=("state", "data"))
+                                 item_names=("state", "data", "frozen"))
 
 
-def restore_latest(mngr, abstract_state):
-    """(step, state, data state) of the newest checkpoint that restores, or None."""
+def restore_latest(mngr, abstract_state, abstract_frozen=None):
+    """(step, state, data state, frozen or None) of the newest checkpoint that restores, or None.
+    Each step directory appears only once orbax has finished it (temporary name, then rename)."""
     import orbax.checkpoint as ocp
 
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
-            out = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-            return step, out["state"], out["data"]
-        except Exception as e:  # noqa: BLE001 - a damaged checkpoint: say so and try the previous one
-            print(f"train: checkpoint {step} does not restore ({type(e).__name__}: {e}); trying an older one",
-                  file=sys.stderr)
+            items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+            if abstract_frozen is not None:
+                items["frozen"] = ocp.args.StandardRestore(abstract_frozen)
+            out = mngr.restore(step, args=ocp.args.Composite(**items))
+            return step, out["state"], out["data"], out.get("frozen") if abstract_frozen is not None else None
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint: set it aside, try the previous one
+            bad = Path(mngr.directory) / str(step)
+            aside = bad.with_name(f"{step}.unreadable-{int(time.time())}")
+            print(f"train: checkpoint {bad} does not restore ({type(e).__name__}: {str(e)[:300]}); "
+                  f"moved to {aside.name}, trying an older one", file=sys.stderr)
+            if jax.process_index() == 0 and bad.exists():
+                bad.rename(aside)
+            _sync("unreadable-checkpoint")
+            mngr.reload()
     return None
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 class _Fault:
@@ -109,7 +126,7 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
     rules = cfg.mesh.rules
     tx = make_optimizer(t)
 
-    init, graphdef, state_abs, _, state_sh, frozen_sh = S.abstract_setup(
+    init, graphdef, state_abs, frozen_abs, state_sh, frozen_sh = S.abstract_setup(
         task.build, task.trainable, tx, mesh, rules, seed=t.seed, frozen_dtype=t.frozen_dtype)
     key = None if task.key is None else (task.key, t, mesh, rules)
     # what the initial state depends on (not the schedule, batch or logging)
@@ -119,11 +136,18 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.yaml").write_text(dump_config(cfg))
     mngr = checkpoint_manager(workdir, t.keep, t.async_checkpoint)
-    restored = restore_latest(mngr, S.with_shardings(state_abs, state_sh))
+    restored = restore_latest(mngr, S.with_shardings(state_abs, state_sh),
+                              S.with_shardings(frozen_abs, frozen_sh) if t.save_frozen else None)
     if restored is None:
         state, frozen = _cached(("init", init_key), lambda: jax.jit(init, out_shardings=(state_sh, frozen_sh)))()
-    else:  # only the frozen params are rebuilt (from the seed, or `init` below)
+        if t.init:  # pretrained weights replace the random ones, trainable and frozen alike
+            _overlay_init(cfg, t.init, state.params, frozen, state_sh.params, frozen_sh)
+    elif restored[3] is not None:
+        frozen = restored[3]
+    else:  # frozen params are not in the checkpoint: rebuilt from the seed, or from train.init
         frozen = _cached(("frozen", init_key), lambda: jax.jit(lambda: init()[1], out_shardings=frozen_sh))()
+        if t.init:
+            _overlay_init(cfg, t.init, None, frozen, None, frozen_sh)
 
     spec = _example_spec(task.examples)
     b = t.batch_size
@@ -134,13 +158,11 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
         print(f"train: warning: {warning}", file=sys.stderr)
     it = D.batch_iterator(task.examples, b, rows, seed=t.seed)
     if restored is not None:
-        start, state, data_state = restored
+        start, state, data_state, _ = restored
         it.set_state(data_state)
         print(f"train: resumed from {workdir / 'checkpoints' / str(start)}", file=sys.stderr)
     else:
         start = 0
-        if t.init:
-            _overlay_init(t.init, state, frozen, state_sh, frozen_sh)
     last_ckpt = start if restored is not None else None
 
     step_fn = _cached(("step", key, task.loss_fn, str(spec)), lambda: jit_train_step(
@@ -164,8 +186,10 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
         nonlocal last_ckpt
         if last_ckpt == step:
             return
-        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                data=ocp.args.JsonSave(_jsonable(it.get_state()))))
+        items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(it.get_state()))
+        if t.save_frozen:
+            items["frozen"] = ocp.args.StandardSave(frozen)
+        mngr.save(step, args=ocp.args.Composite(**items))
         last_ckpt = step
         fault.hit("kill_in_save", step)
 
@@ -230,7 +254,7 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
         mngr.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-    return RunResult(status=status, step=step, last_checkpoint=last_ckpt, state=state)
+    return RunResult(status=status, step=step, last_checkpoint=last_ckpt, state=state, frozen=frozen)
 
 
 _JITTED: dict = {}
@@ -248,20 +272,22 @@ def _cached(key, make):
     return _JITTED[key]
 
 
-def _overlay_init(path: str, state, frozen, state_sh, frozen_sh) -> None:
-    from seed_story_jax.checkpoint import components_of, load_component
+def _overlay_init(cfg, path: str, params, frozen, params_sh, frozen_sh) -> None:
+    """Load every component of checkpoint `path` that the model has into `params` (may be None:
+    then only the frozen ones) and `frozen`, in place."""
+    from seed_story_jax.checkpoint import CheckpointError, components_of, load_component
+    from seed_story_jax.models import module_for
 
-    setup = S.Setup(graphdef=None, state=state, frozen=frozen, state_shardings=state_sh,
-                    frozen_shardings=frozen_sh, n_trainable=0, n_frozen=0)
-    for comp in components_of(path):
-        if comp in state.params or comp in frozen:
-            S.overlay_params(setup, comp, load_component(path, comp))
-
-
-def _jsonable(x):
-    if isinstance(x, bytes):
-        return {"__bytes__": x.decode()}
-    return x
+    comps = [c for c in components_of(path) if c in (params or {}) or c in frozen]
+    if not comps:
+        raise CheckpointError(f"train.init {path}: none of its components {components_of(path)} is in this model")
+    for comp in comps:
+        loaded = load_component(path, comp)
+        relayout = getattr(module_for(comp), "relayout", None)
+        if relayout is not None:
+            loaded = relayout(loaded, getattr(cfg, comp))
+        S.overlay_params(loaded, (params or {}).get(comp), frozen.get(comp),
+                         (params_sh or {}).get(comp), frozen_sh.get(comp), where=f"{path} component {comp}")
 
 
 def _main_thread() -> bool:

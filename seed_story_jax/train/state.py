@@ -105,27 +105,28 @@ def with_shardings(abstract, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
 
 
-def overlay_params(setup: Setup, component: str, params: dict) -> None:
-    """Replace `component`'s params (a pure dict, e.g. from `checkpoint.load_component`) in the
-    trainable and frozen trees of `setup`, each leaf resharded and cast to the tree it lands in."""
+def overlay_params(src: dict, trainable, frozen, trainable_sh, frozen_sh, *, where: str) -> None:
+    """Write the leaves of `src` (one component's pure dict, e.g. from `checkpoint.load_component`)
+    into the trainable and frozen trees (in place; `trainable` may be None), each resharded and cast
+    to the tree it lands in. Every leaf of those trees must be found in `src`."""
+    import numpy as np
 
-    def walk(src, trainable, frozen, t_sh, f_sh):
-        for k, v in src.items():
-            key = k if (trainable and k in trainable) or (frozen and k in frozen) else _int_key(k)
-            t, f = (trainable or {}).get(key), (frozen or {}).get(key)
-            if isinstance(v, dict):
-                walk(v, t, f, (t_sh or {}).get(key), (f_sh or {}).get(key))
-            elif t is not None:
-                trainable[key] = jax.device_put(jnp.asarray(v, t.dtype), t_sh[key])
-            elif f is not None:
-                frozen[key] = jax.device_put(jnp.asarray(v, f.dtype), f_sh[key])
+    from seed_story_jax.checkpoint import CheckpointError
 
-    walk(params, setup.state.params.get(component), setup.frozen.get(component),
-         setup.state_shardings.params.get(component), setup.frozen_shardings.get(component))
+    def walk(src, t, f, t_sh, f_sh, path):
+        for k in set(t or {}) | set(f or {}):
+            sk = k if k in src else str(k)
+            if sk not in src:
+                raise CheckpointError(f"{where}: missing parameter {path}/{k}")
+            v = src[sk]
+            tv, fv = (t or {}).get(k), (f or {}).get(k)
+            if isinstance(tv, dict) or isinstance(fv, dict):
+                walk(v, tv, fv, (t_sh or {}).get(k), (f_sh or {}).get(k), f"{path}/{k}")
+                continue
+            target, tree, sh = (tv, t, t_sh) if tv is not None else (fv, f, f_sh)
+            if tuple(np.shape(v)) != tuple(target.shape):
+                raise CheckpointError(f"{where}: {path}/{k} has shape {tuple(np.shape(v))}, "
+                                      f"the model expects {tuple(target.shape)}")
+            tree[k] = jax.device_put(np.asarray(v).astype(target.dtype), sh[k])
 
-
-def _int_key(k):
-    try:
-        return int(k)
-    except (TypeError, ValueError):
-        return k
+    walk(src, trainable, frozen, trainable_sh, frozen_sh, "")
