@@ -349,13 +349,15 @@ class _KeyStream:
         return jax.random.fold_in(self.key, self.n)
 
 
-def abstract_params(cfg: UNetConfig):
-    """ShapeDtypeStruct tree of the params (fast: see _KeyStream)."""
-    def make():
-        with nnx.use_eager_sharding(False):
-            return nnx.state(build(cfg, _KeyStream()), nnx.Param).to_pure_dict()
+def abstract_model(cfg: UNetConfig) -> UNet2DConditionModel:
+    """The module with ShapeDtypeStruct params, for `nnx.split` → graphdef (fast: see _KeyStream)."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: build(cfg, _KeyStream()))
 
-    return jax.eval_shape(make)
+
+def abstract_params(cfg: UNetConfig):
+    """ShapeDtypeStruct tree of the params."""
+    return nnx.state(abstract_model(cfg), nnx.Param).to_pure_dict()
 
 
 def is_kv_projection(path, _value=None) -> bool:
