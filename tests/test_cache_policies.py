@@ -117,6 +117,34 @@ def test_no_eviction_matches_uncached_forward(model, policy, positions):
     assert np.asarray(kvc.occupancy(cache)).tolist() == [t, t]
 
 
+@pytest.mark.parametrize("positions", ["original", "shifted"])
+@pytest.mark.parametrize("policy", ["sink", "multimodal-sink"])
+def test_after_eviction_attention_sees_exactly_the_held_tokens(policy, positions):
+    """One layer, so a cached key/value depends on its token alone: after many evictions the next
+    token's logits equal the uncached forward over the held tokens + it, at positions 0..n
+    (shifted: keys re-rotated by place in cache) or at their original positions (original)."""
+    from flax import nnx
+
+    cfg = dataclasses.replace(CFG, num_layers=1)
+    m = L.init_model(cfg, 3)
+    graphdef, state = nnx.split(m)
+    kinds = _stream([("t", 6), "i", ("t", 9), "i", "i", ("t", 12), "i", ("t", 3)], 4)
+    ids = np.random.default_rng(4).integers(3, cfg.vocab_size, (1, len(kinds) + 1)).astype(np.int32)
+    pol = kvc.CachePolicy(kind=policy, positions=positions, pin_slots=9 if policy == "multimodal-sink" else 0)
+    cache = kvc.KVCache.for_model(cfg, 1, 4 + pol.pin_slots + 16, policy=pol)
+    for i in range(0, len(kinds), 8):
+        n = min(8, len(kinds) - i)
+        tok, knd, mask = np.zeros((1, 8), np.int32), np.zeros((1, 8), np.int8), np.zeros((1, 8), bool)
+        tok[0, :n], knd[0, :n], mask[0, :n] = ids[0, i:i + n], kinds[i:i + n], True
+        _, cache = _fwd(graphdef, state, tok, mask, knd, cache)
+    logits, cache = _fwd(graphdef, state, ids[:, -1:], np.ones((1, 1), bool), np.zeros((1, 1), np.int8), cache)
+    held = [h[0] for h in kvc.held(cache)]
+    assert len(held) == cache.capacity and held[-1] == len(kinds)  # full, evicted, new token last
+    pos = np.arange(len(held)) if positions == "shifted" else np.array(held)
+    want = m(jnp.asarray(ids[:, held]), positions=jnp.asarray(pos[None], jnp.int32))[0][:, -1]
+    assert _rel(logits[:, 0], want) <= RTOL
+
+
 def test_chunk_longer_than_the_ring_is_refused():
     pol = kvc.CachePolicy(kind="multimodal-sink", pin_slots=8)
     cache = kvc.KVCache.create(1, 1, 4 + 8 + 20, 1, 2, policy=pol)  # ring 20, max chunk 20 − 8

@@ -77,15 +77,16 @@ class Attention(nnx.Module):
         k = checkpoint_name(self.k_proj(x, dk[1]), "k_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         v = checkpoint_name(self.v_proj(x, dk[2]), "v_proj").reshape(b, t, self.num_kv_heads, self.head_dim)
         q = apply_rope(q, cos, sin)
-        k = self.rotate_keys(k, cos, sin)
         if kv_io is None:
-            out, new_kv = attention(q, k, v, mask=mask), None
+            out, new_kv = attention(q, self.rotate_keys(k, cos, sin), v, mask=mask), None
         else:
             k_buf, v_buf, write = kv_io
+            shifted = write.key_cos is not None  # cache holds pre-RoPE keys, rotated by place in cache
             # Layer-local buffers: a write touches this layer's (B, C, K, D) only, never the stack.
-            k_buf = kvc.write_layer(k_buf[None], 0, write, k)[0]
+            k_buf = kvc.write_layer(k_buf[None], 0, write, k if shifted else self.rotate_keys(k, cos, sin))[0]
             v_buf = kvc.write_layer(v_buf[None], 0, write, v)[0]
-            out, new_kv = attention(q, k_buf.astype(q.dtype), v_buf.astype(q.dtype), mask=mask), (k_buf, v_buf)
+            ks = self.rotate_keys(k_buf, write.key_cos, write.key_sin) if shifted else k_buf
+            out, new_kv = attention(q, ks.astype(q.dtype), v_buf.astype(q.dtype), mask=mask), (k_buf, v_buf)
         return self.o_proj(out.reshape(b, t, -1), dk[3]), new_kv
 
 
