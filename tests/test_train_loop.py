@@ -149,6 +149,16 @@ def test_unreadable_checkpoint_is_set_aside(ref222, tmp_path):
     assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]
 
 
+def test_checkpoint_of_another_model_is_refused_untouched(ref222, tmp_path):
+    from seed_story_jax.checkpoint import CheckpointError
+
+    dst = tmp_path / "run"
+    _resume_from_step3(ref222[0], dst)
+    with pytest.raises(CheckpointError, match="no checkpoint restores with this config"):
+        loop.run(_cfg("llm.intermediate_size=160"), dst, progress=False, stop_at=6)
+    assert sorted(d.name for d in (dst / "checkpoints").iterdir()) == ["3"]
+
+
 def test_init_from_a_checkpoint_and_frozen_params_survive_resume(tmp_path):
     """train.init loads pretrained params (here: a tiny Llama built from another seed) into the
     trainable and frozen trees; only lm_head trains; a resume rebuilds the frozen params from init."""

@@ -59,26 +59,41 @@ def checkpoint_manager(workdir: Path, keep: int, async_save: bool):
 
 
 def restore_latest(mngr, abstract_state, abstract_frozen=None):
-    """(step, state, data state, frozen or None) of the newest checkpoint that restores, or None.
-    Each step directory appears only once orbax has finished it (temporary name, then rename)."""
+    """(step, state, data state, frozen or None) of the newest checkpoint that restores, or None when
+    there is none. Each step directory appears only once orbax has finished it (temporary name, then
+    rename). Newer steps that fail to restore while an older one works (files lost after the commit)
+    are moved aside with a message; when none restores, nothing is touched and the error says why
+    (usually a config that no longer matches the run)."""
     import orbax.checkpoint as ocp
 
+    from seed_story_jax.checkpoint import CheckpointError
+
+    failed = []
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
             if abstract_frozen is not None:
                 items["frozen"] = ocp.args.StandardRestore(abstract_frozen)
             out = mngr.restore(step, args=ocp.args.Composite(**items))
-            return step, out["state"], out["data"], out.get("frozen") if abstract_frozen is not None else None
-        except Exception as e:  # noqa: BLE001 - a damaged checkpoint: set it aside, try the previous one
-            bad = Path(mngr.directory) / str(step)
-            aside = bad.with_name(f"{step}.unreadable-{int(time.time())}")
+        except Exception as e:  # noqa: BLE001 - judged below, once we know whether an older one works
+            failed.append((step, e))
+            continue
+        for bad_step, e in failed:
+            bad = Path(mngr.directory) / str(bad_step)
+            aside = bad.with_name(f"{bad_step}.unreadable-{int(time.time())}")
             print(f"train: checkpoint {bad} does not restore ({type(e).__name__}: {str(e)[:300]}); "
-                  f"moved to {aside.name}, trying an older one", file=sys.stderr)
+                  f"moved to {aside.name}", file=sys.stderr)
             if jax.process_index() == 0 and bad.exists():
                 bad.rename(aside)
+        if failed:
             _sync("unreadable-checkpoint")
             mngr.reload()
+        return step, out["state"], out["data"], out.get("frozen") if abstract_frozen is not None else None
+    if failed:
+        step, e = failed[0]
+        raise CheckpointError(f"{mngr.directory}: no checkpoint restores with this config (newest, step {step}: "
+                              f"{type(e).__name__}: {str(e)[:500]}); a changed model or train section? "
+                              f"Use a new --workdir to start over")
     return None
 
 
