@@ -3,6 +3,7 @@ trainable presets, per-process batch assembly."""
 
 import math
 import struct
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -239,3 +240,20 @@ def test_batch_iterator_state_roundtrip():
     # a process holding rows 2,3 reads exactly those rows of the same global batch
     half = D.batch_iterator(ds, 4, [2, 3], seed=1)
     np.testing.assert_array_equal(next(half)["input_ids"], first[0][2:])
+
+
+# ------------------------------------------------------------------------------ CLI errors
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from seed_story_jax.cli import main
+
+    tiny = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml")
+    assert main(["train", tiny, "--workdir", str(tmp_path)]) == 2  # tiny.yaml has no train: section
+    assert "no `train:` section" in capsys.readouterr().err
+    assert main(["train", tiny, "train.stage=5", "--workdir", str(tmp_path)]) == 2
+    assert "train.stage must be 0, 1, 2 or 3" in capsys.readouterr().err
+    assert main(["plan", tiny, "train.steps=10", "--topology", "tpu-8"]) == 2
+    assert "unknown topology 'tpu-8'" in capsys.readouterr().err
+    assert main(["train", tiny, "train.stage=2", "--workdir", str(tmp_path)]) == 2
+    assert "not available yet" in capsys.readouterr().err
