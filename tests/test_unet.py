@@ -28,6 +28,7 @@ from seed_story_jax.nn import conv as C
 from seed_story_jax.nn.params import count_params
 
 RTOL = 1e-4
+torch.set_num_threads(1)  # tiny models: extra intra-op threads only spin on a shared 2-core box
 
 # A: the tiny.yaml UNet (SDXL-like: first block without attention; transformer depth 1 → 2; linear proj).
 TINY_A = dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -376,3 +377,66 @@ def test_bad_inputs_refused(ref_dir, tmp_path, capsys, case, key):
     err = capsys.readouterr().err
     assert rc != 0 and key in err, err
     assert not dst.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(f".out-{case}")]
+
+
+# --------------------------------------------------------------------------------------------
+# the whole SDXL layout (convert/sdxl.py)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(ref_a, tmp_path_factory):
+    """A tiny SDXL folder written by diffusers itself (no text encoders)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    torch.manual_seed(3)
+    vae = AutoencoderKL(block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8,
+                        latent_channels=4, sample_size=32, scaling_factor=0.13025).eval()
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None, tokenizer=None,
+                                     tokenizer_2=None, unet=ref_a, scheduler=sched)
+    d = tmp_path_factory.mktemp("sdxl") / "sdxl-tiny"
+    pipe.save_pretrained(d)
+    return d
+
+
+def test_sdxl_layout_round_trip(sdxl_dir, tmp_path, capsys):
+    from diffusers import StableDiffusionXLPipeline
+
+    from convert import sdxl as CS
+    from seed_story_jax.checkpoint import load_checkpoint
+
+    assert CS.detect(sdxl_dir) and not CU.detect(sdxl_dir)
+    ck, out = tmp_path / "ck", tmp_path / "out"
+    assert cli(["convert", str(sdxl_dir), str(ck), "--json"]) == 0  # kind detected
+    assert json.loads(capsys.readouterr().out)["kind"] == "sdxl"
+    c = load_checkpoint(ck)
+    assert sorted(c.params) == ["unet", "vae"]
+    assert c.config.scheduler.timestep_spacing == "leading" and c.config.scheduler.steps_offset == 1
+    assert c.config.unet == CU.config_from_diffusers(dict(TorchUNet(**TINY_A).config))
+    assert cli(["convert", str(ck), str(out)]) == 0
+    for sub in ("unet", "vae"):
+        a = load_file(sdxl_dir / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(out / sub / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), (sub, k)
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler" and pipe.text_encoder is None
+    orig = json.loads((sdxl_dir / "scheduler" / "scheduler_config.json").read_text())
+    for k in ("beta_start", "beta_end", "beta_schedule", "steps_offset", "timestep_spacing", "prediction_type"):
+        assert pipe.scheduler.config[k] == orig[k], k
+
+
+def test_sdxl_missing_vae_refused(sdxl_dir, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "novae"
+    shutil.copytree(sdxl_dir, src)
+    shutil.rmtree(src / "vae")
+    dst = tmp_path / "out"
+    assert cli(["convert", "--kind", "sdxl", str(src), str(dst)]) != 0
+    assert "vae/config.json" in capsys.readouterr().err
+    assert not dst.exists()
