@@ -51,7 +51,7 @@ def test_plan_compiles_and_counts_bytes_per_chip():
     assert b["params_trainable_fp32"] == 4 * (n - norms) // 4 + 4 * norms
     assert b["optimizer_state"] == 2 * b["params_trainable_fp32"] + 8  # Adam mu, nu + two int32 step counters
     assert b["total"] > b["params_trainable_fp32"] + b["optimizer_state"] and r["fits"]
-    assert r["flops_per_step_xla"] > 0 and r["model_flops_per_step"] > 0
+    assert r["xla_flops_loop_bodies_once"] > 0 and r["model_flops_per_step"] > 0
     tiny_hbm = PL.Topology("h100x4", "gpu", 4, hbm_bytes=1000)
     assert not PL.plan(cfg, tiny_hbm)["fits"]
 
@@ -90,6 +90,6 @@ def test_plan_tiny_on_deviceless_v5e_4(tmp_path):
     assert r["compiled_for"] == "deviceless TPU topology" and r["devices"] == 4 and r["fits"]
     assert r["hbm_per_chip"] == 16 * PL.GIB
     assert r["bytes_per_chip"]["params_trainable_fp32"] < 4 * r["trainable_params"]  # sharded
-    assert math.isfinite(r["flops_per_step_xla"])
+    assert math.isfinite(r["xla_flops_loop_bodies_once"])
 
 

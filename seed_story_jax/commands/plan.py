@@ -77,9 +77,9 @@ def _print(r: dict) -> None:
         print(f"compiler: {r['compiler_oom']}")
     if r.get("batch_warning"):
         print(f"warning: {r['batch_warning']}")
-    if r["flops_per_step_xla"]:
-        print(f"FLOPs/step      {r['flops_per_step_xla']:.4g} (XLA cost analysis, all chips)")
-    print(f"model FLOPs     {r['model_flops_per_step']:.4g} per step ({r['flops_note']})")
+    print(f"FLOPs/step      {r['model_flops_per_step']:.4g} model FLOPs ({r['flops_note']})")
+    if r["xla_flops_loop_bodies_once"]:
+        print(f"                {r['xla_flops_loop_bodies_once']:.4g} XLA cost analysis (scanned loop bodies counted once)")
 
 
 def _human(n: float) -> str:

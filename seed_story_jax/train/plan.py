@@ -215,7 +215,9 @@ def plan(cfg, topo: Topology) -> dict:
         "hbm_per_chip": topo.hbm_bytes,
         "fits": mem is not None and total <= topo.hbm_bytes,
         "compiler_oom": oom,
-        "flops_per_step_xla": float(cost.get("flops", 0.0)) * len(devices) if cost else None,
+        # XLA's cost analysis counts a while-loop body once (not × trip count): with scanned layers it
+        # is far below the real work, so the model FLOPs (formula) are the number to trust.
+        "xla_flops_loop_bodies_once": float(cost.get("flops", 0.0)) * len(devices) if cost else None,
         "model_flops_per_step": model_flops,
         "flops_note": task.flops_note,
     }
