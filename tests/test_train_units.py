@@ -255,5 +255,5 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "train.stage must be 0, 1, 2 or 3" in capsys.readouterr().err
     assert main(["plan", tiny, "train.steps=10", "--topology", "tpu-8"]) == 2
     assert "unknown topology 'tpu-8'" in capsys.readouterr().err
-    assert main(["train", tiny, "train.stage=2", "--workdir", str(tmp_path)]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert main(["train", tiny, "train.stage=0", "train.data=/nowhere", "--workdir", str(tmp_path)]) == 2
+    assert "stage 0 reads only 'synthetic'" in capsys.readouterr().err
