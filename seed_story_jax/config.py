@@ -367,13 +367,16 @@ class CacheConfig:
 
     policy: str = "multimodal-sink"  # dense | window | sink | multimodal-sink
     positions: str = "shifted"  # shifted (pre-RoPE keys, StreamingLLM) | original (post-RoPE)
-    capacity: int = 2048  # dense: whole story; others: sink + ring slots
-    sink_tokens: int = 4
-    sink_capacity: int = 256  # pinned slots (first tokens + image head/tail spans)
-    window_images: int = 8
-    boi_before: int = 4
+    # Full size: 4 first tokens + 252 pinned slots (10 evicted images × 24 span tokens) + a 1792-token
+    # ring (≈ the released 8-image window at 66 image + ~150 text tokens per frame). Max position in
+    # shifted mode stays < capacity ≤ Llama-2's 4096.
+    capacity: int = 2048  # sink policies: first tokens + pinned + ring slots (dense/window: derived per story)
+    sink_tokens: int = 4  # first tokens kept forever (StreamingLLM's attention sinks)
+    sink_capacity: int = 256  # first tokens + the multimodal sink's pinned slots (FIFO)
+    window_images: int = 8  # window policy: images kept (the released value)
+    boi_before: int = 4  # multimodal sink pins [BOI − boi_before, BOI + boi_after) of every evicted image
     boi_after: int = 8
-    eoi_before: int = 8
+    eoi_before: int = 8  # ... and [EOI − eoi_before, EOI + eoi_after)
     eoi_after: int = 4
 
     def validate(self, where: str = "cache") -> None:
@@ -382,6 +385,11 @@ class CacheConfig:
         _check(self.positions in ("shifted", "original"), f"{where}.positions: shifted|original")
         _check(self.capacity > self.sink_capacity or self.policy in ("dense", "window"),
                f"{where}: capacity must exceed sink_capacity")
+        _check(self.sink_tokens >= 0 and self.window_images >= 1, f"{where}: sink_tokens >= 0, window_images >= 1")
+        _check(self.sink_capacity > self.sink_tokens or self.policy != "multimodal-sink",
+               f"{where}: multimodal-sink needs sink_capacity > sink_tokens (room for pinned image spans)")
+        _check(min(self.boi_before, self.boi_after, self.eoi_before, self.eoi_after) >= 0,
+               f"{where}: span sizes must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
