@@ -219,12 +219,14 @@ class Llama(nnx.Module):
                 return apply(graphdef, st, h, kv_layer, key)
 
             return jax.lax.scan(body, h, (state, kv, keys))
+        # Unstacked per-layer buffers, restacked once at the end: updating the stack layer by layer
+        # makes XLA copy the whole stack at every layer.
+        bufs = [None] * n if kv is None else [(kv[0][i], kv[1][i]) for i in range(n)]
         for i, layer_mod in enumerate(self.layers):
             graphdef, state = nnx.split(layer_mod)
-            h, new = apply(graphdef, state, h, None if kv is None else (kv[0][i], kv[1][i]),
-                           None if keys is None else keys[i])
-            if kv is not None:
-                kv = (kv[0].at[i].set(new[0]), kv[1].at[i].set(new[1]))
+            h, bufs[i] = apply(graphdef, state, h, bufs[i], None if keys is None else keys[i])
+        if kv is not None:
+            kv = (jnp.stack([b[0] for b in bufs]), jnp.stack([b[1] for b in bufs]))
         return h, kv
 
 
