@@ -32,8 +32,13 @@ def build(component: str, section_cfg, rngs):
 
 
 def abstract_params(component: str, section_cfg):
-    """ShapeDtypeStruct tree of a component's params, without allocating them."""
+    """ShapeDtypeStruct tree of a component's params, without allocating them. A model module's own
+    `abstract_params(section_cfg)` wins (the UNet's avoids flax's slow Rngs tracing at SDXL size)."""
     from flax import nnx
+
+    mod = module_for(component)
+    if hasattr(mod, "abstract_params"):
+        return mod.abstract_params(section_cfg)
 
     def make():
         return nnx.state(build(component, section_cfg, nnx.Rngs(0)), nnx.Param).to_pure_dict()
