@@ -172,7 +172,7 @@ def run_gpu_7b(args) -> dict:
     from seed_story_jax.generate import Generator, GenerateOptions, cache_capacity
     from seed_story_jax.models.llama import Llama
 
-    cfg = load_config(resolve_config_path("llama2-7b")).llm
+    cfg = load_config(resolve_config_path(args.model_config)).llm
     cfg = dataclasses.replace(cfg, param_dtype="bfloat16", dtype="bfloat16", remat="none", scan_layers=args.scan)
 
     @jax.jit
@@ -184,7 +184,7 @@ def run_gpu_7b(args) -> dict:
         graphdef = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))[0]
     model = nnx.merge(graphdef, init())
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(2 << 30 if jax.default_backend() != "cpu" else 256 << 20)
     n = args.new_tokens
     prompt = np.random.default_rng(0).integers(3, cfg.vocab_size, (1, args.prompt)).astype(np.int32)
     gen = Generator(model)
@@ -209,7 +209,7 @@ def run_gpu_7b(args) -> dict:
              "bound_tokens_per_s": bound, "fraction_of_bound": (1 / per_tok) / bound}]
     print(common.table(rows, ["impl", "ms_per_token", "tokens_per_s", "bound_tokens_per_s", "fraction_of_bound"]))
     print(f"\nweights {weight_bytes / 1e9:.2f} GB + KV cache {kv_bytes / 1e9:.3f} GB; copy bandwidth {bw / 1e12:.2f} TB/s")
-    return {"benchmark": "decode", "mode": "gpu-7b", "rows": rows, "weight_bytes": weight_bytes,
+    return {"benchmark": "decode", "mode": "gpu-7b", "model_config": args.model_config, "rows": rows, "weight_bytes": weight_bytes,
             "kv_cache_bytes": kv_bytes, "copy_bandwidth_Bps": bw, "decode_runs_s": runs,
             "config": {"prompt": args.prompt, "new_tokens": n, "cache_capacity": cap, "scan_layers": cfg.scan_layers},
             "machine": common.machine()}
@@ -226,6 +226,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--scan", action="store_true", help="scan over layers (default: unrolled)")
+    p.add_argument("--model-config", default="llama2-7b", help="--gpu-7b: the config whose llm is timed (tiny: smoke test)")
     args = p.parse_args(argv)
     if args.gpu_7b:
         if args.out == str(common.RESULTS / "decode.json"):

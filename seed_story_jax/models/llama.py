@@ -65,7 +65,8 @@ class Attention(nnx.Module):
 
     @staticmethod
     def rotate_keys(k: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        # The one place keys get their positions: the cache stores what this returns (post-RoPE).
+        # The one place keys get their positions ("original" caches store what this returns;
+        # "shifted" caches store raw keys and rotate them here when reading).
         return apply_rope(k, cos, sin)
 
     def __call__(self, x, cos, sin, mask, kv_io, dropout_key=None):
