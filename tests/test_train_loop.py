@@ -288,6 +288,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~80 s on 2 busy cores: two fresh processes each compile the step
 def test_two_processes_match_one(ref222, tmp_path):
     """2 processes × 4 CPU devices (jax.distributed on 127.0.0.1, gloo collectives) on mesh (2, 2, 2)
     give the losses of 1 process × 8 devices (MESH_TOL), and write one checkpoint together."""

@@ -56,10 +56,15 @@ def test_plan_compiles_and_counts_bytes_per_chip():
     assert not PL.plan(cfg, tiny_hbm)["fits"]
 
 
-def test_plan_warns_about_a_batch_that_does_not_split():
-    cfg = load_config(TINY, ["train.batch_size=6", "train.seq_len=16"])
-    r = PL.plan(cfg, PL.parse_topology("h100x4"))
-    assert "not a multiple of the 4 batch shards" in r["batch_warning"]
+def test_warns_about_a_batch_that_does_not_split():
+    from seed_story_jax.config import MeshConfig
+    from seed_story_jax.train.mesh import make_mesh
+    from seed_story_jax.train.rules import batch_warning
+
+    mesh, rules = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), MeshConfig().rules
+    assert batch_warning(mesh, 8, rules) == ""
+    msg = batch_warning(mesh, 6, rules)
+    assert "not a multiple of the 4 batch shards (data × fsdp)" in msg and "split 2 ways" in msg
 
 
 def test_tpu_without_libtpu_says_how_to_install():
