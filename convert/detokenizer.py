@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from convert.layout import to_jax_layout, torch_shape
 from convert.resamplers import xlv2_from_torch, xlv2_keys, xlv2_to_torch
 from seed_story_jax.config import (DetokenizerConfig, ResamplerXLV2Config, SchedulerConfig, SeedStoryConfig,
                                    UNetConfig)
@@ -126,9 +127,9 @@ def from_torch(state_dict: Mapping, cfg: SeedStoryConfig, *, base_unet: Optional
         for n in names:
             path, jshape = table[n]
             a = np.asarray(state_dict[UNET + n])
-            got = cu._to_jax_layout(a)
+            got = to_jax_layout(a)
             if tuple(got.shape) != jshape:
-                raise ConversionError(f"tensor has shape {tuple(a.shape)}, expected {cu._torch_shape(jshape)}",
+                raise ConversionError(f"tensor has shape {tuple(a.shape)}, expected {torch_shape(jshape)}",
                                       file=file, key=UNET + n)
             _set(unet, path, got)
         out["unet"] = unet

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from seed_story_jax.config import SeedStoryConfig, UNetConfig
+from convert.layout import to_jax_layout, to_torch_layout, torch_shape
 from seed_story_jax.errors import ConversionError
 
 KIND = "unet"
@@ -177,28 +178,7 @@ def torch_key(path: tuple) -> str:
     return ".".join(out + [_LEAF[leaf]])
 
 
-def _to_torch_layout(x: np.ndarray) -> np.ndarray:
-    if x.ndim == 4:
-        return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
-    if x.ndim == 2:
-        return np.ascontiguousarray(x.T)
-    return x
 
-
-def _to_jax_layout(x: np.ndarray) -> np.ndarray:
-    if x.ndim == 4:
-        return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
-    if x.ndim == 2:
-        return np.ascontiguousarray(x.T)
-    return x
-
-
-def _torch_shape(shape: tuple) -> tuple:
-    if len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    if len(shape) == 2:
-        return (shape[1], shape[0])
-    return tuple(shape)
 
 
 def _leaves(tree, prefix=()):
@@ -223,7 +203,7 @@ def abstract_params(cfg: UNetConfig):
 
 def expected_torch_shapes(cfg: UNetConfig) -> dict[str, tuple]:
     """diffusers key → torch shape, for every parameter the config implies."""
-    return {torch_key(p): _torch_shape(tuple(x.shape)) for p, x in _leaves(abstract_params(cfg))}
+    return {torch_key(p): torch_shape(tuple(x.shape)) for p, x in _leaves(abstract_params(cfg))}
 
 
 def from_torch(state_dict: Mapping[str, np.ndarray], cfg: UNetConfig, *, file=None) -> dict:
@@ -231,17 +211,17 @@ def from_torch(state_dict: Mapping[str, np.ndarray], cfg: UNetConfig, *, file=No
     from convert.io import check_keys
 
     abstract = abstract_params(cfg)
-    expected = {torch_key(p): _torch_shape(tuple(x.shape)) for p, x in _leaves(abstract)}
+    expected = {torch_key(p): torch_shape(tuple(x.shape)) for p, x in _leaves(abstract)}
     check_keys(expected, state_dict, file)
     params: dict = {}
     for path, _ in _leaves(abstract):
-        _set(params, path, _to_jax_layout(np.asarray(state_dict[torch_key(path)])))
+        _set(params, path, to_jax_layout(np.asarray(state_dict[torch_key(path)])))
     return params
 
 
 def to_torch(params: Mapping, cfg: UNetConfig) -> dict[str, np.ndarray]:
     """JAX params tree → diffusers state dict (numpy), the exact inverse of from_torch."""
-    return {torch_key(p): _to_torch_layout(np.asarray(x)) for p, x in _leaves(params)}
+    return {torch_key(p): to_torch_layout(np.asarray(x)) for p, x in _leaves(params)}
 
 
 # --------------------------------------------------------------------------------------------

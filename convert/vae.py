@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from seed_story_jax.config import ConfigError, VAEConfig
+from convert.layout import to_jax_layout, to_torch_layout, torch_shape
 from seed_story_jax.errors import ConversionError
 
 KIND = "vae"
@@ -132,33 +133,12 @@ def _torch_key(path: tuple) -> str:
     return ".".join(str(m) for m in mods) + "." + {"kernel": "weight", "scale": "weight"}.get(leaf, leaf)
 
 
-def _to_torch_layout(a: np.ndarray) -> np.ndarray:
-    if a.ndim == 4:  # conv HWIO → OIHW
-        return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
-    if a.ndim == 2:  # linear (in, out) → (out, in)
-        return np.ascontiguousarray(a.T)
-    return a
 
-
-def _from_torch_layout(a: np.ndarray) -> np.ndarray:
-    if a.ndim == 4:
-        return np.ascontiguousarray(a.transpose(2, 3, 1, 0))
-    if a.ndim == 2:
-        return np.ascontiguousarray(a.T)
-    return a
-
-
-def _torch_shape(shape: tuple) -> tuple:
-    if len(shape) == 4:
-        return (shape[3], shape[2], shape[0], shape[1])
-    if len(shape) == 2:
-        return (shape[1], shape[0])
-    return tuple(shape)
 
 
 def torch_keys(cfg: VAEConfig) -> dict[str, tuple]:
     """Every diffusers key of this config with its torch shape."""
-    return {_torch_key(p): _torch_shape(tuple(x.shape)) for p, x in _leaves(_abstract(cfg))}
+    return {_torch_key(p): torch_shape(tuple(x.shape)) for p, x in _leaves(_abstract(cfg))}
 
 
 def _renamed(sd: Mapping, file=None) -> Mapping:
@@ -193,20 +173,20 @@ def from_torch(state_dict: Mapping, cfg: VAEConfig, *, file=None) -> dict:
 
     sd = _renamed(state_dict, file)
     abstract = _abstract(cfg)
-    expected = {_torch_key(p): _torch_shape(tuple(x.shape)) for p, x in _leaves(abstract)}
+    expected = {_torch_key(p): torch_shape(tuple(x.shape)) for p, x in _leaves(abstract)}
     check_keys(expected, sd, file)
     out: dict = {}
     for path, _ in _leaves(abstract):
         node = out
         for k in path[:-1]:
             node = node.setdefault(k, {})
-        node[path[-1]] = _from_torch_layout(np.asarray(sd[_torch_key(path)]))
+        node[path[-1]] = to_jax_layout(np.asarray(sd[_torch_key(path)]))
     return out
 
 
 def to_torch(params: Mapping, cfg: VAEConfig | None = None) -> dict[str, np.ndarray]:
     """Our params tree → diffusers AutoencoderKL state dict (modern attention names)."""
-    return {_torch_key(p): _to_torch_layout(np.asarray(a)) for p, a in _leaves(params)}
+    return {_torch_key(p): to_torch_layout(np.asarray(a)) for p, a in _leaves(params)}
 
 
 # ---------------------------------------------------------------------------------------------
