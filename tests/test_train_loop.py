@@ -237,10 +237,10 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------ real processes
 
 
-def _train_cli(workdir, *args, devices=8, fault="", cache=None, mesh=(2, 2, 2)):
+def _train_cli(workdir, *args, devices=8, fault="", cache=None, mesh=(2, 2, 2), env=None):
     """`seed-story train` in a fresh process on `devices` virtual CPU devices (same numerics flags as
     conftest.py; a shared persistent compilation cache so only the first launch compiles)."""
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                JAX_DEFAULT_MATMUL_PRECISION="highest", SEED_STORY_FAULT=fault)
     if cache is not None:
@@ -293,8 +293,11 @@ def test_two_processes_match_one(ref222, tmp_path):
     """2 processes × 4 CPU devices (jax.distributed on 127.0.0.1, gloo collectives) on mesh (2, 2, 2)
     give the losses of 1 process × 8 devices (MESH_TOL), and write one checkpoint together."""
     wd, port = tmp_path / "run", _free_port()
+    # process 0 is told by flags, process 1 by the environment
     procs = [_train_cli(wd, "--stop-at", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                        "--process-id", str(i), devices=4) for i in range(2)]
+                        "--process-id", "0", devices=4),
+             _train_cli(wd, "--stop-at", "4", devices=4, env={"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                                              "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"})]
     results = [_finish(p) for p in procs]
     for rc, out in results:
         assert rc == 0, out

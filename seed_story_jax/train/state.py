@@ -31,17 +31,6 @@ class TrainState:
     rng: Any  # uint32 raw key data (checkpointable); typed inside the step
 
 
-@dataclasses.dataclass
-class Setup:
-    graphdef: Any
-    state: TrainState
-    frozen: dict
-    state_shardings: TrainState
-    frozen_shardings: dict
-    n_trainable: int
-    n_frozen: int
-
-
 def trainable_filter(predicate: Callable[[tuple], bool]):
     """Params chosen by `predicate`, never a FrozenParam (derived tables the models store as params)."""
     from seed_story_jax.models.resamplers import FrozenParam
@@ -88,16 +77,6 @@ def abstract_setup(build: Callable[[nnx.Rngs], nnx.Module], predicate, tx, mesh,
                                    is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
     state_sh = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
     return init, graphdef, state_abs, frozen_abs, state_sh, frozen_sh
-
-
-def create(build, predicate, tx, mesh, rules, *, seed: int = 0, frozen_dtype: str = "") -> Setup:
-    """Initialise the sharded train state (random init from `seed`)."""
-    init, graphdef, state_abs, frozen_abs, state_sh, frozen_sh = abstract_setup(
-        build, predicate, tx, mesh, rules, seed=seed, frozen_dtype=frozen_dtype)
-    state, frozen = jax.jit(init, out_shardings=(state_sh, frozen_sh))()
-    count = lambda t: int(sum(x.size for x in jax.tree.leaves(t)))  # noqa: E731
-    return Setup(graphdef=graphdef, state=state, frozen=frozen, state_shardings=state_sh,
-                 frozen_shardings=frozen_sh, n_trainable=count(state_abs.params), n_frozen=count(frozen_abs))
 
 
 def with_shardings(abstract, shardings):
