@@ -133,7 +133,6 @@ def _bytes_per_device(abstract, shardings) -> int:
 def plan(cfg, topo: Topology) -> dict:
     """Compile cfg's train step for `topo`; per-chip bytes, FLOPs, and whether it fits."""
     import jax
-    import jax.numpy as jnp
 
     from seed_story_jax.train import rules as R
     from seed_story_jax.train import state as S
