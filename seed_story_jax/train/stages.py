@@ -35,4 +35,16 @@ def make_task(cfg: SeedStoryConfig) -> Task:
         from seed_story_jax.train.lm import lm_task
 
         return lm_task(cfg)
-    raise ConfigError(f"train.stage {cfg.train.stage}: not available yet (stage 0, the causal-LM objective, is)")
+    if cfg.train.stage == 1:
+        from seed_story_jax.train.stage1 import stage1_task
+
+        return stage1_task(cfg)
+    if cfg.train.stage == 2:
+        from seed_story_jax.train.stage2 import stage2_task
+
+        return stage2_task(cfg)
+    if cfg.train.stage == 3:
+        from seed_story_jax.train.stage3 import stage3_task
+
+        return stage3_task(cfg)
+    raise ConfigError(f"train.stage must be 0, 1, 2 or 3, got {cfg.train.stage}")
