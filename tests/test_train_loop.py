@@ -291,7 +291,8 @@ def _free_port():
 @pytest.mark.slow  # ~80 s on 2 busy cores: two fresh processes each compile the step
 def test_two_processes_match_one(ref222, tmp_path):
     """2 processes × 4 CPU devices (jax.distributed on 127.0.0.1, gloo collectives) on mesh (2, 2, 2)
-    give the losses of 1 process × 8 devices (MESH_TOL), and write one checkpoint together."""
+    give the losses of 1 process × 8 devices (MESH_TOL), write one checkpoint together, and a single
+    process resumes from it."""
     wd, port = tmp_path / "run", _free_port()
     # process 0 is told by flags, process 1 by the environment
     procs = [_train_cli(wd, "--stop-at", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
@@ -307,6 +308,12 @@ def test_two_processes_match_one(ref222, tmp_path):
         assert got[s] == pytest.approx(ref[s], rel=MESH_TOL), f"step {s}"
     _assert_only_complete_checkpoints(wd)
     assert (wd / "checkpoints" / "4" / "commit_success.txt").is_file()
+    # the two-process checkpoint resumes in one process (here, with the 8 local devices)
+    res = loop.run(_cfg(), wd, progress=False, stop_at=6)
+    assert res.step == 6
+    got = _losses(wd)
+    for s in (5, 6):
+        assert got[s] == pytest.approx(ref[s], rel=MESH_TOL), f"step {s}"
 
 
 @pytest.mark.slow
