@@ -25,8 +25,9 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="initialisation seed")
 
 
-def init_params(component: str, section, seed: int = 0) -> dict:
-    """Random params of one component (the checkpoint tree), initialised in one compiled function."""
+def init_params(component: str, section, seed: int = 0, *, to_host: bool = True) -> dict:
+    """Random params of one component (the checkpoint tree), initialised in one compiled function
+    (on the default device; `to_host` copies them to numpy)."""
     import jax
     from flax import nnx
 
@@ -36,7 +37,8 @@ def init_params(component: str, section, seed: int = 0) -> dict:
     def make(key):
         return nnx.state(build(component, section, nnx.Rngs(params=key, default=key)), nnx.Param).to_pure_dict()
 
-    return jax.device_get(make(jax.random.fold_in(jax.random.key(seed), zlib.crc32(component.encode()) % (2 ** 31))))
+    params = make(jax.random.fold_in(jax.random.key(seed), zlib.crc32(component.encode()) % (2 ** 31)))
+    return jax.device_get(params) if to_host else params
 
 
 def init_checkpoint(cfg, out, *, tokenizer_dir=None, seed: int = 0, overwrite: bool = False) -> Path:
