@@ -34,6 +34,7 @@ from seed_story_jax.train.metrics import MetricsWriter, peak_flops
 from seed_story_jax.train.optim import lr_schedule, make_optimizer
 from seed_story_jax.profiling import compile_count
 from seed_story_jax.train.step import jit_train_step, make_train_step
+from seed_story_jax.train.task import example_spec
 
 
 class TrainingDiverged(RuntimeError):
@@ -118,12 +119,6 @@ class _Fault:
             os.kill(os.getpid(), signal.SIGTERM if kind == "term_at" else signal.SIGKILL)
 
 
-def _example_spec(examples) -> dict:
-    ex = examples[0]
-    return jax.tree.map(lambda x: (np.asarray(x).shape, np.asarray(x).dtype), ex,
-                        is_leaf=lambda x: isinstance(x, np.ndarray))
-
-
 def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=None, progress: bool = True,
         stop_at: Optional[int] = None) -> RunResult:
     """Train (or resume) `cfg` in `workdir` until train.steps, or until step `stop_at` (then save and
@@ -164,7 +159,7 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
         if t.init:
             _overlay_init(cfg, t.init, None, frozen, None, frozen_sh)
 
-    spec = _example_spec(task.examples)
+    spec = example_spec(task)
     b = t.batch_size
     batch_sh = jax.tree.map(lambda s: R.batch_sharding(mesh, (b,) + s[0], rules), spec,
                             is_leaf=lambda x: isinstance(x, tuple))

@@ -136,11 +136,11 @@ def plan(cfg, topo: Topology) -> dict:
 
     from seed_story_jax.train import rules as R
     from seed_story_jax.train import state as S
-    from seed_story_jax.train.loop import _example_spec
     from seed_story_jax.train.mesh import make_mesh
     from seed_story_jax.train.optim import lr_schedule, make_optimizer
     from seed_story_jax.train.stages import make_task
     from seed_story_jax.train.step import jit_train_step, make_train_step
+    from seed_story_jax.train.task import example_spec
 
     t = cfg.train
     devices, how = devices_for(topo)
@@ -150,7 +150,7 @@ def plan(cfg, topo: Topology) -> dict:
     tx = make_optimizer(t)
     _, graphdef, state_abs, frozen_abs, state_sh, frozen_sh = S.abstract_setup(
         task.build, task.trainable, tx, mesh, rules, seed=t.seed, frozen_dtype=t.frozen_dtype)
-    spec = _example_spec(task.examples)
+    spec = example_spec(task)
     b = t.batch_size
     batch_abs = {k: jax.ShapeDtypeStruct((b,) + s[0], s[1]) for k, s in spec.items()}
     batch_sh = {k: R.batch_sharding(mesh, v.shape, rules) for k, v in batch_abs.items()}

@@ -38,6 +38,17 @@ class Task:
     flops_per_example: float = 0.0  # model FLOPs per example, forward + backward (the task's formula)
     flops_note: str = ""  # how flops_per_example is counted
     key: Any = None  # hashable identity of (model, trainable set, data shapes): reuse compilations
+    example_spec: Any = None  # {field: (shape, dtype)} of one example; None: read from examples[0].
+    #                           `seed-story plan` needs only this, so a task for planning needs no data.
+
+
+def example_spec(task: "Task") -> dict:
+    import numpy as np
+
+    if task.example_spec is not None:
+        return {k: (tuple(v[0]), np.dtype(v[1])) for k, v in task.example_spec.items()}
+    ex = task.examples[0]
+    return {k: (np.asarray(v).shape, np.asarray(v).dtype) for k, v in ex.items()}
 
 
 def path_str(path: Sequence) -> str:
