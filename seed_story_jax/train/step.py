@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from seed_story_jax.train.rules import fit_spec
 from seed_story_jax.train.state import TrainState
 
 
@@ -29,7 +30,8 @@ def microbatches(batch: dict, n: int, mesh=None, batch_spec=None) -> dict:
         b = x.shape[0]
         y = x.reshape((b // n, n) + x.shape[1:]).swapaxes(0, 1)
         if mesh is not None and batch_spec is not None:
-            y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, *batch_spec)))
+            spec = fit_spec(P(None, *batch_spec), y.shape, mesh)
+            y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
         return y
 
     return jax.tree.map(split, batch)
