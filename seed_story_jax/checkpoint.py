@@ -280,6 +280,40 @@ def _restore(d: Path, target: Any):
     return _checkpointer().restore(d.resolve(), args=args)
 
 
+def component_metadata(path: str | os.PathLike, name: str) -> dict:
+    """One component's tree of orbax leaf metadata (each with .shape and .dtype), read without
+    loading any array; either layout. Keys stay as stored (strings)."""
+    p = Path(path) / "params" / name
+    if not p.is_dir():
+        raise CheckpointError(f"{Path(path)}: no component {name!r} (have: {components_of(path)})")
+    dirs = [p]
+    if (p / PARTS_INDEX).is_file():
+        dirs = [p / part["dir"] for part in _read_index(p)["parts"]]
+    out: dict = {}
+    for d in dirs:
+        try:
+            meta = _checkpointer().metadata(d.resolve())
+        except Exception as e:  # orbax raises assorted errors on a damaged directory
+            raise CheckpointError(f"{d}: cannot read orbax metadata ({type(e).__name__}: {e})") from None
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        if not isinstance(tree, dict):
+            raise CheckpointError(f"{d}: no pytree metadata")
+        _merge(out, tree)
+    return out
+
+
+def _read_index(d: Path) -> dict:
+    index_file = d / PARTS_INDEX
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index_file}: invalid JSON ({e})") from None
+    if index.get("format") != PARTS_FORMAT:
+        raise CheckpointError(f"{index_file}: format {index.get('format')!r}, expected {PARTS_FORMAT!r}")
+    return index
+
+
 def _lookup(tree: Any, path: Iterable[str], where: Path):
     for k in path:
         if isinstance(tree, dict) and k in tree:
@@ -292,10 +326,7 @@ def _lookup(tree: Any, path: Iterable[str], where: Path):
 
 
 def _load_parts(d: Path, target: Any) -> dict:
-    index_file = d / PARTS_INDEX
-    index = json.loads(index_file.read_text())
-    if index.get("format") != PARTS_FORMAT:
-        raise CheckpointError(f"{index_file}: format {index.get('format')!r}, expected {PARTS_FORMAT!r}")
+    index = _read_index(d)
     if target is not None:
         have = {tuple(p) for part in index["parts"] for p in part["paths"]}
         extra = [p for p, x in _leaves(target) if not _is_empty(x) and tuple(map(str, p)) not in have]

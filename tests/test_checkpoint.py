@@ -44,6 +44,8 @@ def test_round_trip_across_parts_keeps_int_keys_and_dtypes(tmp_path):
     assert all(p["bytes"] <= 300 or len(p["paths"]) == 1 for p in index["parts"])
     got = C.load_component(tmp_path / "ck", "llm")
     assert sorted(got["layers"]) == [0, 1, 2]
+    meta = C.component_metadata(tmp_path / "ck", "llm")  # shapes without reading arrays, all parts merged
+    assert tuple(meta["layers"]["2"]["attn"]["kernel"].shape) == (8, 8) and tuple(meta["steps"].shape) == (2, 3)
     _assert_same(got, tree)
     ck = C.load_checkpoint(tmp_path / "ck")
     assert ck.manifest["components"] == {"llm": {"kind": "llm"}} and C.components_of(tmp_path / "ck") == ["llm"]
@@ -66,6 +68,7 @@ def test_old_single_pytree_layout_still_loads(tmp_path):
     C.save_checkpoint(root, SeedStoryConfig(), {})  # manifest + config; then the old params layout by hand
     ocp.PyTreeCheckpointer().save((root / "params" / "llm").resolve(), jax.tree.map(jax.device_put, tree))
     assert not (root / "params/llm/parts.json").exists()
+    assert tuple(C.component_metadata(root, "llm")["embed"]["embedding"].shape) == (16, 8)
     _assert_same(C.load_component(root, "llm"), tree)
     mesh = jax.make_mesh((8,), ("d",))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P())), tree)
