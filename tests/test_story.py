@@ -72,11 +72,11 @@ def test_story_compiles_the_decode_step_once(teller, compile_counter):
 
 def test_policies_without_eviction_tell_the_same_story(teller):
     """dense vs multimodal-sink (shifted, chunked image queries; original, image tokens fed one by
-    one as the released generate does) vs sink, all with room for the whole story."""
+    one as the released generate does), both with room for the whole story (sink differs from
+    multimodal-sink only in what it evicts: tests/test_cache_policies.py)."""
     o = StoryOptions(frames=4, max_text_tokens=7, render="none", progress=False)
     ref = teller.tell(_start(teller), TEXTS, dataclasses.replace(o, policy="dense"))
-    for policy, positions, query in (("multimodal-sink", "shifted", "chunk"), ("multimodal-sink", "original", "decode"),
-                                     ("sink", "shifted", "chunk")):
+    for policy, positions, query in (("multimodal-sink", "shifted", "chunk"), ("multimodal-sink", "original", "decode")):
         got = teller.tell(_start(teller), TEXTS, dataclasses.replace(o, policy=policy, positions=positions,
                                                                      capacity=4 + 60 + 200, image_query=query))
         for s_ref, s in zip(ref, got):

@@ -33,11 +33,14 @@ def init_params(component: str, section, seed: int = 0, *, to_host: bool = True)
 
     from seed_story_jax.models import build
 
-    @jax.jit
     def make(key):
         return nnx.state(build(component, section, nnx.Rngs(params=key, default=key)), nnx.Param).to_pure_dict()
 
-    params = make(jax.random.fold_in(jax.random.key(seed), zlib.crc32(component.encode()) % (2 ** 31)))
+    key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(component.encode()) % (2 ** 31))
+    # Runs once: on CPU, unoptimised code compiles several times faster than it would run slower.
+    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True} \
+        if jax.default_backend() == "cpu" else None
+    params = jax.jit(make).lower(key).compile(compiler_options=fast)(key)
     return jax.device_get(params) if to_host else params
 
 
