@@ -95,9 +95,7 @@ def _torch_tensors(p: Path) -> dict:
 
 
 def _jax_tensors(p: Path) -> tuple[dict, dict]:
-    import orbax.checkpoint as ocp
-
-    from seed_story_jax.checkpoint import CheckpointError, components_of, read_config, read_manifest
+    from seed_story_jax.checkpoint import CheckpointError, component_metadata, components_of, read_config, read_manifest
 
     manifest = read_manifest(p)
     names = list(manifest.get("components", {})) or components_of(p)
@@ -106,13 +104,7 @@ def _jax_tensors(p: Path) -> tuple[dict, dict]:
         d = (p / "params" / name).resolve()
         if not d.is_dir():
             raise CheckpointError(f"{p}: manifest names component {name!r} but params/{name} is missing")
-        try:
-            meta = ocp.PyTreeCheckpointer().metadata(d)
-        except Exception as e:  # orbax raises assorted errors on a damaged directory
-            raise CheckpointError(f"{d}: cannot read orbax metadata ({type(e).__name__}: {e})") from None
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
-        tensors[name] = _flatten(tree)
+        tensors[name] = _flatten(component_metadata(p, name))
     extra = {"config_name": read_config(p).name,
              "kinds": {n: c.get("kind", n) for n, c in manifest.get("components", {}).items()}}
     tok_dir = p / "tokenizer"
