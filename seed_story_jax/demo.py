@@ -29,6 +29,7 @@ the config (or an override) retrains instead of reusing a model made from other 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -201,10 +202,11 @@ class Demo:
         for i, (name, fn) in enumerate(steps, start=1):
             if cached and name not in ("synth", "story", "eval"):
                 continue
-            self.log(f"[{i}/{len(steps)}] {name}")
-            t = time.perf_counter()
+            self.log(f"[{i}/{len(steps)}] {name} ...")
+            t, c = time.perf_counter(), _cpu_seconds()
             fn()
             self.timings[name] = time.perf_counter() - t
+            self.log(f"[{i}/{len(steps)}] {name}: {self.timings[name]:.0f} s ({_cpu_seconds() - c:.0f} s CPU)")
         self.timings["total"] = time.perf_counter() - t0
         summary = {"out": str(self.out), "cached_model": cached, "timings_s": self.timings,
                    "cpu_s": _cpu_seconds(), "fingerprint": self.dc.fingerprint}
@@ -282,7 +284,8 @@ class Demo:
 
         cfg_file = self.work / "config.yaml"
         cfg_file.write_text(dump_config(self.base_config()))
-        rc = main(["init", str(cfg_file), str(self.path("init")), "--tokenizer", str(self.path("tokenizer"))])
+        with cheap_random_init():
+            rc = main(["init", str(cfg_file), str(self.path("init")), "--tokenizer", str(self.path("tokenizer"))])
         if rc != 0 or not is_checkpoint(self.path("init")):
             raise RuntimeError(f"seed-story init failed (exit {rc})")
 
@@ -312,13 +315,16 @@ class Demo:
 
         cfg = config_from_tree(tree)
         from seed_story_jax.train.loop import run as train_run
+        from seed_story_jax.train.stages import make_task
 
         try:
-            result = train_run(cfg, self.path(f"stage{k}"), progress=self.progress)
+            task = make_task(cfg)
         except Exception as e:  # noqa: BLE001 - name the missing piece
             if "not available yet" in str(e):
                 raise Blocked(f"training stage {k}: {e}") from None
             raise
+        task = dataclasses.replace(task, build=zero_init(task.build))
+        result = train_run(cfg, self.path(f"stage{k}"), task=task, progress=self.progress)
         export_checkpoint(src, dst, result.state.params, cfg, stamp=self.dc.fingerprint if k == 3 else None)
 
     # ---- 9: the story --------------------------------------------------------------------------------
@@ -363,6 +369,43 @@ def use_compilation_cache(path: Path) -> None:
         jax.config.update("jax_compilation_cache_dir", str(path))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@contextlib.contextmanager
+def cheap_random_init():
+    """Random initialisation with the `unsafe_rbg` PRNG: one RngBitGenerator op per draw instead of
+    threefry's unrolled rounds, so XLA compiles the init of every parameter about 2.5× faster. Only
+    the init's numbers depend on it (they are saved); training and sampling keep the default PRNG."""
+    import jax
+
+    old = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "unsafe_rbg")
+    try:
+        yield
+    finally:
+        jax.config.update("jax_default_prng_impl", old)
+
+
+def zero_init(build):
+    """A task's `build` whose parameters start at zero instead of random.
+
+    Every demo run starts from a complete checkpoint (train.init), which the train loop lays over
+    the params it initialised; the random initialisers would be compiled (minutes for the UNet on a
+    loaded 2-core CPU) and then thrown away. With zeros they are dead code XLA drops at once."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def make(rngs):
+        model = build(rngs)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        return nnx.merge(graphdef, jax_tree_zeros(params), rest)
+
+    def jax_tree_zeros(state):
+        import jax
+
+        return jax.tree.map(jnp.zeros_like, state)
+
+    return make
 
 
 def _round_up(n: int, m: int) -> int:
@@ -478,8 +521,8 @@ def train_vae(demo: Demo, src: Path, dst: Path) -> None:
         kl = 0.5 * jnp.mean(jnp.sum(post.mean ** 2 + jnp.exp(post.logvar) - 1.0 - post.logvar, axis=-1))
         return mse + kl_w * kl, {"mse": mse, "kl": kl}
 
-    task = Task(name="vae", build=lambda rngs: Bundle(vae=V.build(vcfg, rngs)), trainable=lambda p: str(p[0]) == "vae",
-                loss_fn=loss_fn, examples=_Frames(frames))
+    task = Task(name="vae", build=zero_init(lambda rngs: Bundle(vae=V.build(vcfg, rngs))),
+                trainable=lambda p: str(p[0]) == "vae", loss_fn=loss_fn, examples=_Frames(frames))
     train_tree = {**(demo.dc.tree.get("train") or {}), "stage": 0, "init": str(src),
                   "steps": int(v["steps"]), "lr": float(v["lr"]), "batch_size": int(v["batch_size"])}
     tree = _tree_of(cfg0)
