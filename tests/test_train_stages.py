@@ -131,7 +131,7 @@ def compile_counter_module():
 
 def test_stage1_loss_falls(stage1):
     _, metrics, _, _ = stage1
-    _falls(_series(metrics, "mse"), 0.05)
+    _falls(_series(metrics, "mse"), 0.1)
     np.testing.assert_array_equal(_series(metrics, "mse"), _series(metrics, "loss"))
 
 
@@ -216,7 +216,7 @@ def stage3(compile_counter_module):
 
 def test_stage3_loss_falls(stage3):
     _, metrics, _, _ = stage3
-    _falls(_series(metrics, "mse"), 0.05)
+    _falls(_series(metrics, "mse"), 0.1)
     agent = _series(metrics, "agent_rec_loss")
     assert np.isfinite(agent).all() and agent.std() < 0.1  # the frozen agent's cosine does not train
 
@@ -263,6 +263,16 @@ def test_kv_weight_gradient_flops_by_hand():
     cfg = load_config(CONFIGS / "tiny-stage1.yaml")
     per_block = 2 * (2 * 64 * 64 * 64) + 2 * (2 * 16 * 32 * 64)
     assert kv_weight_grad_flops(cfg, 16) == 12 * per_block
+
+
+def test_layer_stack_flops_extrapolate_exactly():
+    """forward_flops counts a 3-layer ViT from 1- and 2-layer copies; equal to lowering all three."""
+    from seed_story_jax.train import stage1 as S1
+
+    vit = load_config(CONFIGS / "tiny.yaml", ["vit.layers=3"]).vit
+    x = S1._f32(1, 28, 28, 3)
+    direct = S1._forward_flops("vit", vit, (((1, 28, 28, 3), "float32"),), "")
+    assert S1.forward_flops("vit", vit, x) == direct > 0
 
 
 def test_stage2_llm_flops_follow_the_lora_accounting():
@@ -312,3 +322,22 @@ def test_tiny_stage2_through_the_loop(tmp_path):
     ce = np.array([m["lm_loss"] for m in lines])
     assert ce[-5:].mean() < ce[:5].mean() - 0.5
     assert all(m["compiles"] == 0 for m in lines) and lines[-1]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_mesh_222_matches_one_device(tmp_path, stage):
+    """The first 3 losses on 8 virtual devices as (data, fsdp, tensor) = (2, 2, 2) equal one device's
+    (1e-5 relative: sharded reductions sum in another order)."""
+    from seed_story_jax.train import loop
+    from seed_story_jax.train.metrics import read_jsonl
+
+    over = SHRINK + ["train.steps=3", "train.log_every=1", "train.batch_size=8", "train.seed=3"]
+    losses = []
+    for mesh, devices in (((2, 2, 2), jax.devices()[:8]), ((1, 1, 1), jax.devices()[:1])):
+        cfg = load_config(CONFIGS / f"tiny-stage{stage}.yaml",
+                          over + [f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}", f"mesh.tensor={mesh[2]}"])
+        wd = tmp_path / "x".join(map(str, mesh))
+        loop.run(cfg, wd, progress=False, devices=devices)
+        losses.append([m["loss"] for m in read_jsonl(wd / "metrics.jsonl")])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)

@@ -45,7 +45,6 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from seed_story_jax.config import ConfigError, SchedulerConfig, SeedStoryConfig
@@ -225,12 +224,23 @@ class Stage1Loss:
 
 def forward_flops(name: str, section, *inputs: jax.ShapeDtypeStruct, method: str = "") -> float:
     """XLA's FLOP count of one forward of component `name` (built abstractly) on `inputs`; `method`:
-    a dotted attribute of the module to call instead of the module (e.g. "encode")."""
-    return _forward_flops(name, section, tuple((x.shape, jnp.dtype(x.dtype).name) for x in inputs), method)
+    a dotted attribute of the module to call instead of the module (e.g. "encode"). A stack of
+    identical `layers` is counted from 1- and 2-layer copies (F₁ + (L − 1)·(F₂ − F₁), exact, and
+    quick where lowering 48 unrolled layers is not); scanned stacks are unrolled (XLA counts a loop
+    body once)."""
+    shapes = tuple((x.shape, jnp.dtype(x.dtype).name) for x in inputs)
+    if getattr(section, "scan_layers", False):
+        section = dataclasses.replace(section, scan_layers=False)
+    n = getattr(section, "layers", 0)
+    if isinstance(n, int) and n > 2:
+        f1, f2 = (_forward_flops(name, dataclasses.replace(section, layers=k), shapes, method) for k in (1, 2))
+        return f1 + (n - 1) * (f2 - f1)
+    return _forward_flops(name, section, shapes, method)
 
 
-@functools.lru_cache(maxsize=64)
-def _forward_flops(name: str, section, shapes: tuple, method: str) -> float:
+@functools.lru_cache(maxsize=16)
+def _abstract(name: str, section):
+    """(graphdef, abstract state) of component `name`, nothing allocated."""
     from seed_story_jax.models import module_for
 
     with nnx.use_eager_sharding(False):
@@ -240,7 +250,12 @@ def _forward_flops(name: str, section, shapes: tuple, method: str) -> float:
             model = abstract_model(section)
         else:
             model = nnx.eval_shape(lambda: module_for(name).build(section, nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
+    return nnx.split(model)
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_flops(name: str, section, shapes: tuple, method: str) -> float:
+    graphdef, state = _abstract(name, section)
 
     def fwd(state, *xs):
         return functools.reduce(getattr, method.split(".") if method else [], nnx.merge(graphdef, state))(*xs)
@@ -260,15 +275,20 @@ def vit_flops(cfg: SeedStoryConfig) -> float:
     return forward_flops("vit", cfg.vit, _f32(1, s, s, 3))
 
 
+def _unet_params(unet_cfg) -> list:
+    """[(path keys, shape), ...] of the UNet's params."""
+    return [(tuple(path), tuple(v.shape)) for path, v in _abstract("unet", unet_cfg)[1].flat_state()
+            if issubclass(v.type, nnx.Param)]
+
+
 def kv_weight_grad_flops(cfg: SeedStoryConfig, latent: int) -> float:
     """F_kv of the module docstring for one example whose latents are latent × latent."""
-    from seed_story_jax.models.unet import abstract_params, is_kv_projection
+    from seed_story_jax.models.unet import is_kv_projection
 
     levels = len(cfg.unet.block_out_channels)
     queries = cfg.detokenizer.resampler.num_queries
     total = 0.0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(cfg.unet)):
-        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+    for keys, shape in _unet_params(cfg.unet):
         if not is_kv_projection(keys) or keys[-1] != "kernel":
             continue
         if keys[0] == "down_blocks":
@@ -279,7 +299,7 @@ def kv_weight_grad_flops(cfg: SeedStoryConfig, latent: int) -> float:
             level = levels - 1
         side = math.ceil(latent / 2 ** level)
         tokens = side * side if "attn1" in keys else queries
-        fan_in, fan_out = leaf.shape
+        fan_in, fan_out = shape
         total += 2.0 * tokens * fan_in * fan_out
     return total
 
@@ -297,21 +317,12 @@ def denoiser_flops(cfg: SeedStoryConfig, predicate, features: jax.ShapeDtypeStru
                            jax.ShapeDtypeStruct((1,), jnp.int32), _f32(1, r.num_queries, r.output1_dim + r.output2_dim),
                            _f32(1, r.output2_dim), _f32(1, 6))
     f_vae = forward_flops("vae", cfg.vae, _f32(1, d.sd_size, d.sd_size, 3), method="encode")
-    whole_unet = all(predicate(p) for p in _unet_kernel_paths(cfg))
+    whole_unet = all(predicate(("unet",) + keys) for keys, _ in _unet_params(cfg.unet))
     if whole_unet:
         unet_total, how = 3.0 * f_unet, "3·UNet"
     else:
         unet_total, how = 2.0 * f_unet + kv_weight_grad_flops(cfg, latent), "2·UNet + K/V weight grads"
     return 3.0 * f_res + unet_total + f_vae, f"3·resampler + {how} + VAE encoder (XLA forward cost analysis)"
-
-
-def _unet_kernel_paths(cfg: SeedStoryConfig) -> list[tuple]:
-    from seed_story_jax.models.unet import abstract_params
-
-    out = []
-    for path, _ in jax.tree_util.tree_leaves_with_path(abstract_params(cfg.unet)):
-        out.append(("unet",) + tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path))
-    return out
 
 
 # ------------------------------------------------------------------------------ the task
