@@ -39,6 +39,7 @@ from typing import Any, Optional
 import numpy as np
 
 from convert import llama as hf
+from convert.io import KeySubset, tensor_dtype, tensor_shape
 from convert.resamplers import qwen_resampler_from_torch, qwen_resampler_keys, qwen_resampler_to_torch
 from seed_story_jax.config import LoRAConfig, SeedStoryConfig
 from seed_story_jax.errors import ConversionError
@@ -104,13 +105,6 @@ def layout(cfg: SeedStoryConfig, rank: int, targets: tuple[str, ...]) -> Layout:
 # ---------------------------------------------------------------------------------------- config
 
 
-def _shape(sd: Mapping, key: str) -> tuple:
-    return tuple(sd.shape(key)) if callable(getattr(sd, "shape", None)) else tuple(np.shape(sd[key]))
-
-
-def _dtype(sd: Mapping, key: str):
-    return np.dtype(sd.dtype(key)) if callable(getattr(sd, "dtype", None)) else np.asarray(sd[key]).dtype
-
 
 def _start_config(options) -> SeedStoryConfig:
     from seed_story_jax.config import load_config, resolve_config_path
@@ -132,11 +126,11 @@ def resolve_config(agent: Mapping, options, base_dir: Optional[Path], dtype: str
     embed = PREFIX + "model.embed_tokens.weight"
     if embed not in set(agent):
         raise ConversionError("missing key (the agent's resized embeddings)", file=_file(agent), key=embed)
-    llm = dataclasses.replace(llm, vocab_size=_shape(agent, embed)[0], param_dtype=dtype, dtype=dtype)
+    llm = dataclasses.replace(llm, vocab_size=tensor_shape(agent, embed)[0], param_dtype=dtype, dtype=dtype)
     keys = list(agent)
     targets = tuple(t for t in TARGETS if any(k.endswith(f".{t}.lora_A.default.weight") for k in keys))
     a0 = next((k for k in keys if k.endswith(".lora_A.default.weight")), None)
-    rank = _shape(agent, a0)[0] if a0 is not None else (llm.lora or LoRAConfig()).rank
+    rank = tensor_shape(agent, a0)[0] if a0 is not None else (llm.lora or LoRAConfig()).rank
     if llm.lora is not None and rank != llm.lora.rank:
         raise ConversionError(f"LoRA rank {rank} in the checkpoint, {llm.lora.rank} in the config "
                               "(alpha/r would change); pass a --config with the right rank", file=_file(agent), key=a0)
@@ -169,7 +163,7 @@ def check_sources(agent: Mapping, base: Optional[Mapping], lay: Layout, base_fil
     needed = dict(lay.trained)
     needed.update({k: s for k, s in lay.base.items() if k in have})
     ignored = [k for k in keys if _ignored(k) and k not in needed]
-    check_keys(needed, _Subset(agent, [k for k in keys if k not in set(ignored)]), _file(agent))
+    check_keys(needed, KeySubset(agent, [k for k in keys if k not in set(ignored)]), _file(agent))
     from_base = [k for k in lay.base if k not in have]
     if from_base:
         if base is None:
@@ -180,33 +174,14 @@ def check_sources(agent: Mapping, base: Optional[Mapping], lay: Layout, base_fil
             name = k[len(PREFIX):]
             if name not in base_keys:
                 raise ConversionError("missing key in the base model", file=base_file or _file(base), key=name)
-            if _shape(base, name) != lay.base[k]:
-                raise ConversionError(f"base tensor has shape {_shape(base, name)}, expected {lay.base[k]}",
+            if tensor_shape(base, name) != lay.base[k]:
+                raise ConversionError(f"base tensor has shape {tensor_shape(base, name)}, expected {lay.base[k]}",
                                       file=base_file or _file(base), key=name)
     return {"trained_from_agent": len(lay.trained), "base_from_agent": len(lay.base) - len(from_base),
             "base_from_base": len(from_base),
             "ignored_original_module": sum(k.endswith(".original_module.weight") for k in ignored),
             "ignored_inv_freq": sum(k.endswith("inv_freq") for k in ignored)}
 
-
-class _Subset(Mapping):
-    def __init__(self, sd: Mapping, keys: list[str]):
-        self._sd, self._keys = sd, keys
-
-    def __getitem__(self, k):
-        return self._sd[k]
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-    def shape(self, k):
-        return _shape(self._sd, k)
-
-    def dtype(self, k):
-        return _dtype(self._sd, k)
 
 
 # ---------------------------------------------------------------------------------------- pure
@@ -257,7 +232,7 @@ class HFView(Mapping):
         if self._merge and name in self._lora_of:
             return np.dtype(np.float32)
         sd, key = self._source(name)
-        return _dtype(sd, key)
+        return tensor_dtype(sd, key)
 
 
 def from_torch(agent: Mapping, cfg: SeedStoryConfig, *, base: Optional[Mapping] = None, keep_lora: bool = False,
@@ -273,7 +248,7 @@ def from_torch(agent: Mapping, cfg: SeedStoryConfig, *, base: Optional[Mapping] 
     keys = list(agent)
     a0 = next((k for k in keys if k.endswith(".lora_A.default.weight")), None)
     if a0 is not None:
-        rank = _shape(agent, a0)[0]
+        rank = tensor_shape(agent, a0)[0]
     targets = lora_cfg.targets if llm_cfg.lora is not None else tuple(
         t for t in TARGETS if any(k.endswith(f".{t}.lora_A.default.weight") for k in keys))
     if keep_lora != (llm_cfg.lora is not None):
@@ -282,7 +257,7 @@ def from_torch(agent: Mapping, cfg: SeedStoryConfig, *, base: Optional[Mapping] 
     target = None if dtype is None else hf._np_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
     view = HFView(agent, base, cfg, lay, merge=not keep_lora, scaling=alpha / rank)
     llm = hf.from_torch(view, dataclasses.replace(llm_cfg, lora=None),
-                        dtype=target or _dtype(agent, PREFIX + "model.embed_tokens.weight"), progress=progress)
+                        dtype=target or tensor_dtype(agent, PREFIX + "model.embed_tokens.weight"), progress=progress)
     if keep_lora:
         _add_lora(llm, agent, lay, llm_cfg, target)
     mllm = {}
@@ -411,7 +386,7 @@ def import_checkpoint(src, dst, *, dtype=None, options=None) -> dict:
         raise ConversionError(f"{base_dir}: --base must be a Hugging Face Llama directory", file=base_dir)
     agent = open_state_dict(_agent_file(src))
     embed = PREFIX + "model.embed_tokens.weight"
-    src_dtype = hf._dtype_name(_dtype(agent, embed)) if embed in set(agent) else "float32"
+    src_dtype = hf._dtype_name(tensor_dtype(agent, embed)) if embed in set(agent) else "float32"
     out_dtype = dtype or src_dtype
     cfg, rank, alpha, targets = resolve_config(agent, options, base_dir, out_dtype, keep_lora)
     if not targets:
@@ -570,7 +545,7 @@ def verify(src, ckpt_dir, *, options=None, batch: int = 2, length: int = 16, see
     base_dir = getattr(options, "base", None)
     base = open_state_dict(base_dir) if base_dir else None
     alpha = read_manifest(ckpt_dir).get("lora_alpha") or (cfg.llm.lora or LoRAConfig()).alpha
-    rank = next(_shape(agent, k)[0] for k in agent if k.endswith(".lora_A.default.weight"))
+    rank = next(tensor_shape(agent, k)[0] for k in agent if k.endswith(".lora_A.default.weight"))
     scaling = alpha / rank
 
     def t32(x):

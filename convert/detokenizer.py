@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from convert.layout import to_jax_layout, torch_shape
+from convert.layout import leaves, to_jax_layout, torch_shape
 from convert.resamplers import xlv2_from_torch, xlv2_keys, xlv2_to_torch
 from seed_story_jax.config import (DetokenizerConfig, ResamplerXLV2Config, SchedulerConfig, SeedStoryConfig,
                                    UNetConfig)
@@ -61,19 +61,12 @@ def infer_resampler_config(shape_of, keys, base: Optional[ResamplerXLV2Config] =
         output2_dim=shp("unet_proj_2.weight")[0], ff_mult=shp("layers.0.1.1.weight")[0] // d)
 
 
-def _leaves(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _leaves(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
 
 def _unet_key_paths(ucfg: UNetConfig) -> dict[str, tuple[tuple, tuple]]:
     """diffusers key → (JAX path, JAX shape) for every UNet parameter."""
     import convert.unet as cu
 
-    return {cu.torch_key(p): (p, tuple(x.shape)) for p, x in _leaves(cu.abstract_params(ucfg))}
+    return {cu.torch_key(p): (p, tuple(x.shape)) for p, x in leaves(cu.abstract_params(ucfg))}
 
 
 def _copy_tree(tree):
@@ -228,7 +221,7 @@ def _cast(tree, dtype: Optional[str]):
 
 
 def _dtype_name(tree) -> str:
-    dts = {str(np.asarray(a).dtype) for _, a in _leaves(tree)}
+    dts = {str(np.asarray(a).dtype) for _, a in leaves(tree)}
     if len(dts) != 1:
         raise ConversionError(f"mixed parameter dtypes {sorted(dts)}; pass --dtype")
     return dts.pop()

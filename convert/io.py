@@ -826,3 +826,49 @@ def check_keys(expected: Mapping[str, Optional[tuple]], got: Mapping, file=None,
                      + listing([f"{k} expected {e} got {g}" for k, e, g in wrong]))
     first = (missing or unexpected or [w[0] for w in wrong])[0]
     raise ConversionError("state dict does not match the model: " + "; ".join(parts), file=file, key=first)
+
+
+# -------------------------------------------------------------------------------- views
+
+
+def tensor_shape(sd: Mapping, key: str) -> tuple:
+    """Shape of `sd[key]` without loading it when `sd` is lazy (has a `shape(key)` method)."""
+    return tuple(sd.shape(key)) if callable(getattr(sd, "shape", None)) else tuple(np.shape(sd[key]))
+
+
+def tensor_dtype(sd: Mapping, key: str) -> np.dtype:
+    return np.dtype(sd.dtype(key)) if callable(getattr(sd, "dtype", None)) else np.asarray(sd[key]).dtype
+
+
+class KeySubset(Mapping):
+    """A state dict seen through a subset of its keys; tensors, shapes and dtypes come from `sd`
+    lazily, so key checks and conversions over the view load nothing extra."""
+
+    def __init__(self, sd: Mapping, keys):
+        self._sd, self._keys = sd, list(keys)
+        self._set = set(self._keys)
+
+    def __getitem__(self, k):
+        if k not in self._set:
+            raise KeyError(k)
+        return self._sd[k]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, k):
+        return k in self._set
+
+    def shape(self, k):
+        return tensor_shape(self._sd, k)
+
+    def dtype(self, k):
+        return tensor_dtype(self._sd, k)
+
+    def __getattr__(self, name):  # source(), path, ... of a lazy state dict
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._sd, name)

@@ -31,3 +31,14 @@ def torch_shape(shape: tuple) -> tuple:
     if len(shape) == 2:
         return (shape[1], shape[0])
     return tuple(shape)
+
+
+def leaves(tree, prefix: tuple = ()):
+    """(path tuple, leaf) of a nested-dict params tree, in insertion order."""
+    from collections.abc import Mapping
+
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v

@@ -254,31 +254,11 @@ def to_torch(params: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
 
 def check_state_dict(state_dict: Mapping, cfg: LlamaConfig, file=None) -> None:
     """Missing, unexpected or misshapen tensors → ConversionError naming file and key."""
-    from convert.io import check_keys
+    from convert.io import KeySubset, check_keys
 
-    check_keys(hf_shapes(cfg), _Filtered(state_dict, cfg), file or getattr(state_dict, "path", None))
+    kept = KeySubset(state_dict, [k for k in state_dict.keys() if not _ignored(k, cfg)])
+    check_keys(hf_shapes(cfg), kept, file or getattr(state_dict, "path", None))
 
-
-class _Filtered(Mapping):
-    """The state dict without the keys import ignores (inv_freq buffers, tied lm_head)."""
-
-    def __init__(self, sd: Mapping, cfg: LlamaConfig):
-        self._sd, self._keys = sd, [k for k in sd.keys() if not _ignored(k, cfg)]
-
-    def __getitem__(self, k):
-        return self._sd[k]
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-    def __contains__(self, k):
-        return k in self._keys
-
-    def __getattr__(self, name):  # shape(), dtype(), source() of a lazy state dict
-        return getattr(self._sd, name)
 
 
 def _progress(items, enabled: bool, desc: str):

@@ -70,22 +70,22 @@ def read_pipeline(src, dtype=None) -> tuple[SeedStoryConfig, dict]:
 
 
 def _dtype_name(params, what: str) -> str:
-    from convert.unet import _leaves
+    from convert.layout import leaves
 
-    dts = {str(np.asarray(x).dtype) for _, x in _leaves(params)}
+    dts = {str(np.asarray(x).dtype) for _, x in leaves(params)}
     if len(dts) != 1 or next(iter(dts)) not in ("float32", "bfloat16", "float16"):
         raise ConversionError(f"{what}: parameter dtypes {sorted(dts)}; pass --dtype")
     return dts.pop()
 
 
 def import_checkpoint(src, dst, *, dtype=None, options=None) -> dict:
-    from convert.unet import _leaves
+    from convert.layout import leaves
     from seed_story_jax.checkpoint import save_checkpoint
 
     cfg, comps = read_pipeline(src, dtype)
     save_checkpoint(dst, cfg, comps, kinds={"unet": "unet", "vae": "vae"},
                     extra={"convert_kind": KIND, "source": str(src)})
-    count = {k: sum(int(np.prod(np.shape(x))) for _, x in _leaves(v)) for k, v in comps.items()}
+    count = {k: sum(int(np.prod(np.shape(x))) for _, x in leaves(v)) for k, v in comps.items()}
     return {"src": str(src), "dst": str(dst), "unet_params": count["unet"], "vae_params": count["vae"],
             "dtype": cfg.unet.param_dtype}
 

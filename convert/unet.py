@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from seed_story_jax.config import SeedStoryConfig, UNetConfig
-from convert.layout import to_jax_layout, to_torch_layout, torch_shape
+from convert.layout import leaves, to_jax_layout, to_torch_layout, torch_shape
 from seed_story_jax.errors import ConversionError
 
 KIND = "unet"
@@ -181,13 +181,6 @@ def torch_key(path: tuple) -> str:
 
 
 
-def _leaves(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _leaves(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
 
 def _set(tree: dict, path: tuple, value) -> None:
     for k in path[:-1]:
@@ -203,7 +196,7 @@ def abstract_params(cfg: UNetConfig):
 
 def expected_torch_shapes(cfg: UNetConfig) -> dict[str, tuple]:
     """diffusers key → torch shape, for every parameter the config implies."""
-    return {torch_key(p): torch_shape(tuple(x.shape)) for p, x in _leaves(abstract_params(cfg))}
+    return {torch_key(p): torch_shape(tuple(x.shape)) for p, x in leaves(abstract_params(cfg))}
 
 
 def from_torch(state_dict: Mapping[str, np.ndarray], cfg: UNetConfig, *, file=None) -> dict:
@@ -211,17 +204,17 @@ def from_torch(state_dict: Mapping[str, np.ndarray], cfg: UNetConfig, *, file=No
     from convert.io import check_keys
 
     abstract = abstract_params(cfg)
-    expected = {torch_key(p): torch_shape(tuple(x.shape)) for p, x in _leaves(abstract)}
+    expected = {torch_key(p): torch_shape(tuple(x.shape)) for p, x in leaves(abstract)}
     check_keys(expected, state_dict, file)
     params: dict = {}
-    for path, _ in _leaves(abstract):
+    for path, _ in leaves(abstract):
         _set(params, path, to_jax_layout(np.asarray(state_dict[torch_key(path)])))
     return params
 
 
 def to_torch(params: Mapping, cfg: UNetConfig) -> dict[str, np.ndarray]:
     """JAX params tree → diffusers state dict (numpy), the exact inverse of from_torch."""
-    return {torch_key(p): to_torch_layout(np.asarray(x)) for p, x in _leaves(params)}
+    return {torch_key(p): to_torch_layout(np.asarray(x)) for p, x in leaves(params)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +272,7 @@ def cast(params, dtype):
 
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
     out: dict = {}
-    for p, x in _leaves(params):
+    for p, x in leaves(params):
         _set(out, p, np.asarray(x).astype(np_dtype))
     return out
 
@@ -295,7 +288,7 @@ def write_folder(dst: Path, cfg: UNetConfig, params) -> None:
 
 
 def _param_dtype(params) -> str:
-    leaf = next(iter(_leaves(params)))[1]
+    leaf = next(iter(leaves(params)))[1]
     return str(np.dtype(leaf.dtype)) if str(leaf.dtype) != "bfloat16" else "bfloat16"
 
 
@@ -309,8 +302,8 @@ def import_checkpoint(src, dst, *, dtype=None, options=None) -> dict:
     cfg = dataclasses.replace(cfg, param_dtype=pd if pd in ("float32", "bfloat16", "float16") else "float32")
     save_checkpoint(dst, SeedStoryConfig(unet=cfg, name=Path(src).name), {COMPONENT: params},
                     kinds={COMPONENT: KIND}, extra={"convert_kind": KIND, "source": str(src)})
-    n = sum(int(np.prod(x.shape)) for _, x in _leaves(params))
-    return {"src": str(src), "dst": str(dst), "params": n, "tensors": len(list(_leaves(params))), "dtype": pd}
+    n = sum(int(np.prod(x.shape)) for _, x in leaves(params))
+    return {"src": str(src), "dst": str(dst), "params": n, "tensors": len(list(leaves(params))), "dtype": pd}
 
 
 def export_checkpoint(ckpt_dir, dst, *, options=None) -> dict:
@@ -323,13 +316,13 @@ def export_checkpoint(ckpt_dir, dst, *, options=None) -> dict:
     params = _numpy_tree(ck.params[COMPONENT])
     with atomic_path(dst, directory=True) as tmp:
         write_folder(tmp, ck.config.unet, params)
-    return {"src": str(ckpt_dir), "dst": str(dst), "tensors": len(list(_leaves(params)))}
+    return {"src": str(ckpt_dir), "dst": str(dst), "tensors": len(list(leaves(params)))}
 
 
 def _numpy_tree(tree) -> dict:
     """numpy leaves, and list indices back to ints (orbax restores nnx.List keys as '0', '1', ...)."""
     out: dict = {}
-    for p, x in _leaves(tree):
+    for p, x in leaves(tree):
         _set(out, tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in p), np.asarray(x))
     return out
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from seed_story_jax.config import ConfigError, VAEConfig
-from convert.layout import to_jax_layout, to_torch_layout, torch_shape
+from convert.layout import leaves, to_jax_layout, to_torch_layout, torch_shape
 from seed_story_jax.errors import ConversionError
 
 KIND = "vae"
@@ -120,13 +120,6 @@ def _abstract(cfg: VAEConfig) -> dict:
     return _skeleton(cfg)[1].to_pure_dict()
 
 
-def _leaves(tree: Mapping, prefix: tuple = ()):
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _leaves(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
 
 def _torch_key(path: tuple) -> str:
     *mods, leaf = path
@@ -138,7 +131,7 @@ def _torch_key(path: tuple) -> str:
 
 def torch_keys(cfg: VAEConfig) -> dict[str, tuple]:
     """Every diffusers key of this config with its torch shape."""
-    return {_torch_key(p): torch_shape(tuple(x.shape)) for p, x in _leaves(_abstract(cfg))}
+    return {_torch_key(p): torch_shape(tuple(x.shape)) for p, x in leaves(_abstract(cfg))}
 
 
 def _renamed(sd: Mapping, file=None) -> Mapping:
@@ -173,10 +166,10 @@ def from_torch(state_dict: Mapping, cfg: VAEConfig, *, file=None) -> dict:
 
     sd = _renamed(state_dict, file)
     abstract = _abstract(cfg)
-    expected = {_torch_key(p): torch_shape(tuple(x.shape)) for p, x in _leaves(abstract)}
+    expected = {_torch_key(p): torch_shape(tuple(x.shape)) for p, x in leaves(abstract)}
     check_keys(expected, sd, file)
     out: dict = {}
-    for path, _ in _leaves(abstract):
+    for path, _ in leaves(abstract):
         node = out
         for k in path[:-1]:
             node = node.setdefault(k, {})
@@ -186,7 +179,7 @@ def from_torch(state_dict: Mapping, cfg: VAEConfig, *, file=None) -> dict:
 
 def to_torch(params: Mapping, cfg: VAEConfig | None = None) -> dict[str, np.ndarray]:
     """Our params tree → diffusers AutoencoderKL state dict (modern attention names)."""
-    return {_torch_key(p): to_torch_layout(np.asarray(a)) for p, a in _leaves(params)}
+    return {_torch_key(p): to_torch_layout(np.asarray(a)) for p, a in leaves(params)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +249,7 @@ def _cast(params: dict, dtype: str | None) -> dict:
 
 
 def _dtype_name(params: dict) -> str:
-    dts = {np.asarray(a).dtype for _, a in _leaves(params)}
+    dts = {np.asarray(a).dtype for _, a in leaves(params)}
     if len(dts) != 1:
         raise ConversionError(f"mixed parameter dtypes {sorted(map(str, dts))}; pass --dtype")
     name = str(dts.pop())
@@ -276,7 +269,7 @@ def import_checkpoint(src, dst, *, dtype=None, options=None) -> dict:
     cfg = _replace(cfg, param_dtype=pd)
     save_checkpoint(dst, SeedStoryConfig(vae=cfg), {COMPONENT: params}, kinds={COMPONENT: KIND},
                     extra={"convert_kind": KIND, "source": str(src)})
-    return {"src": str(wp), "dst": str(dst), "tensors": sum(1 for _ in _leaves(params)),
+    return {"src": str(wp), "dst": str(dst), "tensors": sum(1 for _ in leaves(params)),
             "params": count_params(params), "dtype": pd}
 
 
@@ -314,7 +307,7 @@ def export_checkpoint(ckpt_dir, dst, *, options=None) -> dict:
     cfg, params = _load(ckpt_dir)
     dtype = getattr(options, "dtype", None)
     write_folder(cfg, params, dst, dtype=dtype)
-    return {"src": str(ckpt_dir), "dst": str(dst), "tensors": sum(1 for _ in _leaves(params))}
+    return {"src": str(ckpt_dir), "dst": str(dst), "tensors": sum(1 for _ in leaves(params))}
 
 
 @functools.lru_cache(maxsize=8)

@@ -321,7 +321,7 @@ def test_bin_and_detect_and_verify(ref_a, ref_dir, tmp_path, capsys):
     from seed_story_jax.checkpoint import load_checkpoint
 
     got = CU._numpy_tree(load_checkpoint(ck).params["unet"])
-    for p, x in CU._leaves(params):
+    for p, x in CU.leaves(params):
         y = got
         for k in p:
             y = y[k]
