@@ -357,7 +357,8 @@ class Judge:
 
 
 def _teacher_forced_fn(models: Models):
-    """jit: (llm state, mllm state, batch, feats) → per-row (nll sum, tokens, target cosine, has target)."""
+    """jit: (llm state, mllm state, batch, feats) → per-row (nll sum, tokens, regressed features of the
+    target, has target)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -378,9 +379,7 @@ def _teacher_forced_fn(models: Models):
             valid = lab != M.IGNORE
             picked = jnp.take_along_axis(lg, jnp.where(valid, lab, 0)[..., None], axis=-1)[..., 0]
             nll = jnp.where(valid, jax.nn.logsumexp(lg, axis=-1) - picked, 0.0).sum(axis=1)
-            r, t = out.rec[:, 0].astype(jnp.float32), out.target[:, 0].astype(jnp.float32)
-            cos = (r * t).sum(-1) / jnp.maximum(jnp.linalg.norm(r, axis=-1) * jnp.linalg.norm(t, axis=-1), 1e-8)
-            return nll, valid.sum(axis=1), cos.mean(axis=1), out.gen_valid[:, 0]
+            return nll, valid.sum(axis=1), out.rec[:, 0].astype(jnp.float32), out.gen_valid[:, 0]
 
         return run
 
@@ -426,7 +425,7 @@ def teacher_forced(models: Models, stories: Sequence[EvalStory], *, batch_size: 
     run = _teacher_forced_fn(models)
     llm_state, res_state = nnx.split(models.llm)[1], nnx.split(models.mllm)[1]
     nll = tok = 0.0
-    cos = []
+    rec, target = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="eval: teacher forced", disable=not progress,
                       unit="batch"):
         chunk = samples[start:start + batch_size]
@@ -434,13 +433,30 @@ def teacher_forced(models: Models, stories: Sequence[EvalStory], *, batch_size: 
         chunk = chunk + [_blank(chunk[0])] * (batch_size - real)
         batch = {k: np.stack([c[k] for c in chunk]) for k in chunk[0] if k != "feats"}
         feats = np.stack([c["feats"] for c in chunk])
-        r_nll, r_tok, r_cos, r_has = jax.device_get(run(llm_state, res_state, batch, feats))
+        r_nll, r_tok, r_rec, r_has = jax.device_get(run(llm_state, res_state, batch, feats))
         nll += float(r_nll[:real].sum())
         tok += float(r_tok[:real].sum())
-        cos += [float(c) for c, h in zip(r_cos[:real], r_has[:real]) if h]
+        for i in range(real):
+            if r_has[i]:
+                rec.append(r_rec[i])
+                target.append(chunk[i]["feats"][int(np.argmax(chunk[i]["embeds_gen_mask"]))])
     ce = nll / max(tok, 1.0)
-    return {"text_ce": ce, "perplexity": perplexity(ce), "feature_cosine": mean_or_nan(cos), "tokens": int(tok),
-            "samples": len(samples)}
+    out = {"text_ce": ce, "perplexity": perplexity(ce), "tokens": int(tok), "samples": len(samples)}
+    out.update(_cosines(rec, target))
+    return out
+
+
+def _cosines(pred: Sequence, target: Sequence, means: Optional[tuple] = None) -> dict:
+    """feature_cosine: mean per-image cosine (the training objective); feature_cosine_centred: the
+    same after subtracting from predictions and targets their mean over the set (or `means`) — the
+    part of a frame's features that is not common to every frame, which a model that regresses
+    the average frame misses (its centred predictions are zero: cosine 0)."""
+    if not len(pred):
+        return {"feature_cosine": math.nan, "feature_cosine_centred": math.nan}
+    pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+    pm, tm = means if means is not None else (pred.mean(axis=0), target.mean(axis=0))
+    return {"feature_cosine": float(np.mean([feature_cosine(p, t) for p, t in zip(pred, target)])),
+            "feature_cosine_centred": feature_cosine(pred - pm, target - tm)}
 
 
 def _blank(like: dict) -> dict:
@@ -470,15 +486,15 @@ StoryRunner = Callable[..., list]
 def generated_metrics(models: Models, stories: Sequence[EvalStory], outputs: Sequence[GeneratedStory]) -> dict:
     """Feature cosine against the true frames, character accuracy, style and character consistency
     of generated stories (frames 1 .. F−1 of each; frame 0 is given)."""
-    cos, frames_all, truths_all = [], [], []
+    preds, trues, tails, frames_all, truths_all = [], [], [], [], []
     style_v, style_g, char_v, char_g = [], [], [], []
-    last = []
     for st, out in zip(stories, outputs):
         f = len(out.features) + 1
         tf = models.judge.features(st.images[1:f])
-        cos.append(feature_cosine(out.features, tf))
+        preds += list(out.features)
+        trues += list(tf)
         tail = max(1, len(tf) // 5)  # the last fifth of the story: where a cache policy shows
-        last.append(feature_cosine(out.features[-tail:], tf[-tail:]))
+        tails += [len(preds) - tail + i for i in range(tail)]
         if out.frames is None:
             continue
         gf = models.judge.features(out.frames)
@@ -491,7 +507,12 @@ def generated_metrics(models: Models, stories: Sequence[EvalStory], outputs: Seq
             if crops:
                 char_v.append(pooled(models.judge.features(crops)))
                 char_g += groups
-    report = {"feature_cosine": mean_or_nan(cos), "last_frames_feature_cosine": mean_or_nan(last)}
+    report = _cosines(preds, trues)
+    if tails:  # centred on the whole set's means, like the rest
+        means = (np.mean(np.asarray(preds, np.float64), axis=0), np.mean(np.asarray(trues, np.float64), axis=0))
+        last = _cosines([preds[i] for i in tails], [trues[i] for i in tails], means)
+        report["last_frames_feature_cosine"] = last["feature_cosine"]
+        report["last_frames_feature_cosine_centred"] = last["feature_cosine_centred"]
     if style_v:
         report["style_consistency"] = consistency(np.concatenate(style_v), style_g)
     if char_v:
@@ -589,9 +610,9 @@ def table2(models: Models, runner: StoryRunner, options: EvalOptions, *, size: i
             cut = [_truncate(st, frames) for st in stories]
             outs = runner(cut, policy, frames, render=options.table_render)
             m = generated_metrics(models, cut, outs)
-            row = {"policy": policy, "frames": frames, "feature_cosine": m["feature_cosine"],
-                   "seconds": m["seconds"], "peak_bytes": m["peak_bytes"],
-                   "last_frames_feature_cosine": m["last_frames_feature_cosine"]}
+            row = {"policy": policy, "frames": frames, "seconds": m["seconds"], "peak_bytes": m["peak_bytes"],
+                   **{k: m[k] for k in ("feature_cosine", "feature_cosine_centred", "last_frames_feature_cosine",
+                                        "last_frames_feature_cosine_centred") if k in m}}
             if "characters" in m:
                 row["character_accuracy"] = m["characters"]["character_accuracy"]
             rows.append(row)
@@ -671,13 +692,15 @@ def summary_lines(report: dict, baseline: Optional[dict] = None) -> list[str]:
     if report.get("table2"):
         lines.append("")
         lines.append("cache policies on long synthetic stories (Table 2 in miniature):")
-        lines.append(f"{'frames':>6}  {'policy':<16} {'feat cos':>8} {'last 1/5':>8} {'char acc':>8} "
-                     f"{'s/story':>8} {'KV MB':>8}")
+        lines.append("(feature cosine raw / centred on the set's mean feature; 'last': the last fifth of each story)")
+        lines.append(f"{'frames':>6}  {'policy':<16} {'cos':>6} {'centred':>7} {'last':>6} {'last c.':>7} "
+                     f"{'char acc':>8} {'s/story':>8} {'KV MB':>6}")
         for r in report["table2"]:
             mb = r["peak_bytes"] / 2**20 if r["peak_bytes"] == r["peak_bytes"] else None
-            lines.append(f"{r['frames']:>6}  {r['policy']:<16} {_f(r['feature_cosine']):>8} "
-                         f"{_f(r.get('last_frames_feature_cosine')):>8} {_f(r.get('character_accuracy')):>8} "
-                         f"{_f(r['seconds'], 1):>8} {_f(mb, 2):>8}")
+            lines.append(f"{r['frames']:>6}  {r['policy']:<16} {_f(r.get('feature_cosine')):>6} "
+                         f"{_f(r.get('feature_cosine_centred')):>7} {_f(r.get('last_frames_feature_cosine')):>6} "
+                         f"{_f(r.get('last_frames_feature_cosine_centred')):>7} {_f(r.get('character_accuracy')):>8} "
+                         f"{_f(r['seconds'], 1):>8} {_f(mb, 2):>6}")
     return lines
 
 
@@ -690,9 +713,11 @@ def flat_metrics(report: Optional[dict]) -> dict[str, tuple[Optional[float], boo
     out["text CE (nats)"] = (tf.get("text_ce"), False)
     out["perplexity"] = (tf.get("perplexity"), False)
     out["feature cosine (teacher forced)"] = (tf.get("feature_cosine"), True)
+    out["  centred on the mean feature"] = (tf.get("feature_cosine_centred"), True)
     g = report.get("generated")
     if g:
         out["feature cosine (generated story)"] = (g.get("feature_cosine"), True)
+        out["  centred on the mean feature "] = (g.get("feature_cosine_centred"), True)
         if "style_consistency" in g:
             out["style consistency margin"] = (g["style_consistency"]["margin"], True)
         if "character_consistency" in g:

@@ -42,6 +42,19 @@ def test_feature_cosine():
         E.feature_cosine(t[:, :8], t)
 
 
+def test_centred_cosine_sees_through_the_average():
+    rng = np.random.default_rng(2)
+    common = 5.0 * rng.standard_normal((1, 16, 64))  # what every frame shares (a random ViT's bias)
+    target = common + rng.standard_normal((40, 16, 64))
+    perfect = E._cosines(list(2.0 * target), list(target))
+    assert perfect["feature_cosine"] == pytest.approx(1.0) and perfect["feature_cosine_centred"] == pytest.approx(1.0)
+    average = E._cosines([target.mean(0)] * 40, list(target))  # regress the mean, ignore the frame
+    assert average["feature_cosine"] > 0.9 and abs(average["feature_cosine_centred"]) < 1e-9
+    noisy = E._cosines(list(target + rng.standard_normal(target.shape)), list(target))
+    assert 0.5 < noisy["feature_cosine_centred"] < noisy["feature_cosine"] < 1.0
+    assert math.isnan(E._cosines([], [])["feature_cosine"])
+
+
 def test_consistency_rewards_groups_not_sameness():
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((4, 32))
