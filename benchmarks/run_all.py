@@ -82,6 +82,10 @@ SPECS = {
                  reference=lambda r: _get(r, "torch", "median", unit=" s/step")),
     "story": Spec("Long story, multimodal-sink cache vs the released window re-encoding (50 frames)",
                   ratio_means="multimodal-sink tokens/s ÷ window tokens/s", higher_is_better=True, goal=10.0, issue=6),
+    "convert_memory": Spec("Converting a synthetic ~1 B-parameter HF checkpoint to bf16: peak RSS",
+                           ratio_means="peak RSS ÷ output size", higher_is_better=False, goal=1.3, issue=2),
+    "train_tiny": Spec("Stage 2 on the tiny config (300 steps): held-out CE and cosine", issue=8,
+                       ratio_means="held-out CE ÷ unigram CE"),
 }
 
 
@@ -198,8 +202,9 @@ def headline(name: str, rec: dict) -> dict:
         "benchmark": name, "what": spec.what if name == base else f"{spec.what} — GPU variant",
         "ours": spec.ours(rec) if name == base else "", "reference": spec.reference(rec) if name == base else "",
         "ratio": ratio if isinstance(ratio, (int, float)) else "—",
-        "ratio means": spec.ratio_means + (" (lower is better)" if not higher else " (higher is better)")
-        if spec.ratio_means else "",
+        "ratio means": (rec.get("ratio_means") or spec.ratio_means) + (" (lower is better)" if not higher else
+                                                                          " (higher is better)")
+        if (rec.get("ratio_means") or spec.ratio_means) else "",
         "goal": goal_s, "met": met or "—", "load avg (1 min)": _fmt(load[0]) if load else "",
         "measured": rec["_date"],
     }
