@@ -206,6 +206,37 @@ def test_stage2_full_preset_trains_the_whole_agent_not_the_vit():
     assert task.flops_per_example > lora.flops_per_example  # 6N instead of 4N for the base kernels
 
 
+def test_pinned_llama_on_8_devices_is_mllm_loss_fn():
+    """Stage 2's loss = models/mllm.py's loss_fn; the activation pins (PinnedLlama) only choose
+    shardings: on mesh (2, 2, 2) under the train step's rules, CE and cosine equal the plain
+    single-device loss_fn within 1e-5 relative (fp32, sharded reductions reorder sums)."""
+    from seed_story_jax.models import mllm as M
+    from seed_story_jax.train import rules as R
+    from seed_story_jax.train.mesh import make_mesh
+    from seed_story_jax.train.stage2 import agent_features, agent_loss
+
+    cfg = _cfg(2, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
+    task = make_task(cfg)
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: task.build(nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    params = _numpy_init(state.to_pure_dict(), 0)
+    batch = next(D.batch_iterator(task.examples, 8, range(8), seed=0))
+
+    def plain(p, b):
+        m = nnx.merge(graphdef, p)
+        return M.loss_fn(m.llm, m.mllm, b, agent_features(m, b))[1]
+
+    want = jax.jit(plain)(params, batch)
+    mesh = make_mesh(cfg.mesh, jax.devices()[:8])
+    p_sh = R.state_shardings(state, mesh, cfg.mesh.rules)
+    b_sh = {k: R.batch_sharding(mesh, v.shape, cfg.mesh.rules) for k, v in batch.items()}
+    with R.activation_rules(mesh, cfg.mesh.rules):
+        got = jax.jit(lambda p, b: agent_loss(nnx.merge(graphdef, p), b)[1], in_shardings=(p_sh, b_sh))(params, batch)
+    for k in ("lm_loss", "rec_loss"):
+        assert float(got[k]) == pytest.approx(float(want[k]), rel=1e-5), k
+
+
 # ------------------------------------------------------------------------------ stage 3
 
 

@@ -181,9 +181,12 @@ def build_component(name: str, cfg: SeedStoryConfig, rngs: nnx.Rngs) -> nnx.Modu
 
 def vit_features(vit, images: jax.Array) -> jax.Array:
     """(..., S, S, 3) normalised images → (..., T, D) features of the frozen ViT (no gradient)."""
+    from seed_story_jax.train.rules import constrain
+
     lead = images.shape[:-3]
-    f = vit(images.reshape((-1,) + images.shape[-3:]))
-    return jax.lax.stop_gradient(f.reshape(lead + f.shape[1:]))
+    f = vit(constrain(images.reshape((-1,) + images.shape[-3:]), ("batch", None, None, None)))
+    f = constrain(f.reshape(lead + f.shape[1:]), ("batch",) + (None,) * (len(lead) + 1))
+    return jax.lax.stop_gradient(f)
 
 
 def denoising_loss(model: Bundle, features: jax.Array, sd_image: jax.Array, time_ids: jax.Array, rng,
@@ -192,14 +195,17 @@ def denoising_loss(model: Bundle, features: jax.Array, sd_image: jax.Array, time
     of `sd_image` (B, H, W, 3) in [-1, 1], conditioned on `features` (B, T, D) through the resampler.
     `valid` (B,) bool: rows that count (mean over them). Returns (loss, metrics)."""
     from seed_story_jax import schedulers as sch
+    from seed_story_jax.train.rules import constrain
 
+    pin = lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731 - see stage2.PinnedLlama
     k_lat, k_noise, k_t = jax.random.split(rng, 3)
-    latents = jax.lax.stop_gradient(model.vae.encode_latents(sd_image, k_lat).astype(jnp.float32))
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    latents = model.vae.encode_latents(pin(sd_image), k_lat).astype(jnp.float32)
+    latents = jax.lax.stop_gradient(pin(latents))
+    noise = pin(jax.random.normal(k_noise, latents.shape, jnp.float32))
     t = sch.sample_timesteps(k_t, latents.shape[0], scheduler)
     noisy = sch.add_noise(sch.alphas_cumprod(scheduler), latents, noise, t)
-    ctx, pooled = model.detokenizer(features)
-    eps = model.unet(noisy, t, ctx, text_embeds=pooled, time_ids=time_ids)
+    ctx, pooled = model.detokenizer(pin(features))
+    eps = pin(model.unet(pin(noisy), t, pin(ctx), text_embeds=pin(pooled), time_ids=time_ids))
     per_row = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise), axis=(1, 2, 3))
     if valid is None:
         loss = per_row.mean()

@@ -93,15 +93,45 @@ def synthetic_tokenizer(seed: int, frames: int, vocab: int):
 # ------------------------------------------------------------------------------ loss
 
 
+class PinnedLlama:
+    """The Llama as models/mllm.py's `forward` uses it (`embed`, then a call on the embeddings),
+    with the activations pinned to the batch sharding: the embedding table gathered FSDP-style
+    (lm.py's `embed_sharded`), the merged embeddings, logits and hidden states constrained by
+    logical names. Without it GSPMD follows the table's `embed` sharding and every device computes
+    the whole batch. A no-op outside the train step's activation rules."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        from seed_story_jax.train.lm import embed_sharded
+
+        return embed_sharded(self.llm, input_ids)
+
+    def __call__(self, *, inputs_embeds: jax.Array, **kw):
+        from seed_story_jax.train.rules import constrain
+
+        logits, hidden, cache = self.llm(inputs_embeds=constrain(inputs_embeds, ("batch", "length", None)), **kw)
+        if logits is not None:
+            logits = constrain(logits, ("batch", "length", "vocab"))
+        return logits, constrain(hidden, ("batch", "length", None)), cache
+
+
 def agent_features(model: Bundle, batch: dict) -> jax.Array:
     """(B, M, T, D) ViT features of every image slot (frozen ViT, no gradient)."""
     return vit_features(model.vit, batch["images"])
 
 
-def stage2_loss(model: Bundle, batch: dict, rng):
+def agent_loss(model: Bundle, batch: dict, dropout_key=None):
+    """models/mllm.py's stage-2 objective (CE + cosine) on the bundle, activations pinned."""
     from seed_story_jax.models import mllm as M
 
-    total, m = M.loss_fn(model.llm, model.mllm, batch, agent_features(model, batch), dropout_key=rng)
+    return M.loss_fn(PinnedLlama(model.llm), model.mllm, batch, agent_features(model, batch),
+                     dropout_key=dropout_key)
+
+
+def stage2_loss(model: Bundle, batch: dict, rng):
+    total, m = agent_loss(model, batch, dropout_key=rng)
     return total, {"lm_loss": m["lm_loss"], "rec_loss": m["rec_loss"], "lm_tokens": m["lm_tokens"],
                    "gen_images": m["gen_images"]}
 
@@ -109,9 +139,7 @@ def stage2_loss(model: Bundle, batch: dict, rng):
 def eval_loss(model: Bundle, batch: dict):
     """Teacher-forced CE and cosine without dropout, with their counts (for token/image-weighted
     means over many batches): {lm_loss, lm_tokens, rec_loss, gen_images}."""
-    from seed_story_jax.models import mllm as M
-
-    _, m = M.loss_fn(model.llm, model.mllm, batch, agent_features(model, batch))
+    _, m = agent_loss(model, batch)
     return {k: m[k] for k in ("lm_loss", "lm_tokens", "rec_loss", "gen_images")}
 
 

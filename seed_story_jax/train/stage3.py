@@ -39,8 +39,8 @@ from flax import nnx
 from seed_story_jax.config import ConfigError, SchedulerConfig, SeedStoryConfig
 from seed_story_jax.train.stage1 import (DENOISER, _data_key, _f32, build_component, check_denoiser,
                                          denoiser_flops, denoising_loss, story_examples, vit_flops)
-from seed_story_jax.train.stage2 import (agent_features, check_agent, llm_flops_per_token, resampler_flops,
-                                         story_tokenizer)
+from seed_story_jax.train.stage2 import (PinnedLlama, agent_features, check_agent, llm_flops_per_token,
+                                         resampler_flops, story_tokenizer)
 from seed_story_jax.train.task import Bundle, Task, trainable_predicate
 
 STAGE3_KEYS = ("input_ids", "ids_cmp_mask", "ids_gen_mask", "images", "embeds_cmp_mask", "embeds_gen_mask",
@@ -53,7 +53,7 @@ def regressed_features(model: Bundle, batch: dict):
     from seed_story_jax.models import mllm as M
 
     feats = agent_features(model, batch)
-    out = M.forward(model.llm, model.mllm, batch["input_ids"], feats, batch["ids_cmp_mask"],
+    out = M.forward(PinnedLlama(model.llm), model.mllm, batch["input_ids"], feats, batch["ids_cmp_mask"],
                     batch["embeds_cmp_mask"], batch["ids_gen_mask"], batch["embeds_gen_mask"], max_gen=1)
     cos, _ = M.cosine_loss(out.rec, out.target, out.gen_valid)
     return jax.lax.stop_gradient(out.rec[:, 0]), out.gen_valid[:, 0], jax.lax.stop_gradient(cos)
