@@ -230,15 +230,32 @@ def _latest(prev, positions, is_anchor):
 
 
 def _key_positions(cache: KVCache) -> jax.Array:
-    """shifted: each valid slot's rank by original position among the row's valid slots."""
+    """shifted: each valid slot's rank in stream order among the row's valid slots.
+
+    The layout fixes that order without sorting (a sort per decoded token is most of a tiny model's
+    step on CPU): first tokens by slot, then the pin region from its oldest entry (FIFO, starting at
+    `pinned % P`), then the ring from its oldest slot (token `length − W`, at `(length − F) % W`).
+    Pins were evicted from the ring, so they are older than every ring token; rewound slots are
+    invalid and count for nothing. With positions that grow along the stream (always, unless a
+    caller passes its own), stream order is original-position order."""
     if not cache.policy.shifted:
         return cache.pos
     c = cache.capacity
-    keyed = jnp.where(cache.valid, cache.pos, jnp.iinfo(jnp.int32).max)
-    order = jnp.argsort(keyed, axis=1, stable=True)
-    rows = jnp.arange(cache.batch)[:, None]
-    ranks = jnp.zeros_like(cache.pos).at[rows, order].set(jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), order.shape))
-    return jnp.where(cache.valid, ranks, 0)
+    f, p, s, w = cache.policy.layout(c)
+    i = jnp.arange(c, dtype=jnp.int32)[None, :]
+    if cache.policy.kind == "dense":
+        place = order = jnp.broadcast_to(i, cache.pos.shape)
+    else:
+        pin0 = (cache.pinned % p)[:, None] if p else 0
+        ring0 = ((cache.length - f) % w)[:, None]
+        p1 = max(p, 1)
+
+        def rotate(sign):  # place of slot i (sign −1) / slot at place i (sign +1)
+            return jnp.where(i < f, i, jnp.where(i < s, f + (i - f + sign * pin0) % p1, s + (i - s + sign * ring0) % w))
+
+        place, order = rotate(-1), rotate(1)
+    before = jnp.cumsum(jnp.take_along_axis(cache.valid, order, axis=1).astype(jnp.int32), axis=1) - 1
+    return jnp.where(cache.valid, jnp.take_along_axis(before, place, axis=1), 0)
 
 
 def plan_write(
