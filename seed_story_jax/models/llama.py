@@ -176,6 +176,7 @@ class Llama(nnx.Module):
         b, t = h.shape[:2]
         if token_mask is None:
             token_mask = jnp.ones((b, t), jnp.bool_)
+        limit = None
         if cache is None:
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -184,12 +185,13 @@ class Llama(nnx.Module):
         else:
             write, cache = kvc.plan_write(cache, token_mask, positions, kinds)
             positions = write.positions
-            if cache.policy.shifted:
+            if cache.policy.shifted:  # every position is a place in the cache: below its capacity
+                limit = cache.capacity
                 write = kvc.with_key_rope(write, *rope_cos_sin(cache.key_pos, self.cfg.resolved_head_dim,
-                                                               self.cfg.rope_theta))
+                                                               self.cfg.rope_theta, limit))
             mask = kvc.attention_mask(cache, positions)
             kv = (cache.k, cache.v)
-        cos, sin = rope_cos_sin(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta, limit)
         h, kv = self._layers(h, cos, sin, mask, kv, write, dropout_key)
         hidden = self.norm(h)
         logits = self.logits(hidden) if compute_logits else None

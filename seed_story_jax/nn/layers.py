@@ -7,6 +7,7 @@ cos/sin computed in fp32 from explicit position ids, so keys can be rotated at a
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -38,8 +39,23 @@ def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
     return (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
 
 
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """positions (B, T) int → cos, sin (B, T, head_dim) float32 (halves duplicated, HF layout)."""
+@functools.lru_cache(maxsize=16)
+def _rope_table(limit: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    freqs = np.arange(limit, dtype=np.float32)[:, None] * rope_inv_freq(head_dim, theta)
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(emb), np.sin(emb)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float,
+                 limit: Optional[int] = None) -> tuple[jax.Array, jax.Array]:
+    """positions (B, T) int → cos, sin (B, T, head_dim) float32 (halves duplicated, HF layout).
+
+    `limit`: positions are known to lie in [0, limit) (a shifted cache's ranks): read a table built
+    once on the host instead of evaluating sin/cos for every cached key at every decoded token."""
+    if limit is not None:
+        cos, sin = _rope_table(int(limit), head_dim, float(theta))
+        idx = jnp.clip(positions, 0, limit - 1)
+        return jnp.asarray(cos)[idx], jnp.asarray(sin)[idx]
     inv = jnp.asarray(rope_inv_freq(head_dim, theta))
     freqs = positions.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
