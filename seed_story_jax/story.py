@@ -109,12 +109,27 @@ class StoryModel:
     vit: Optional[nnx.Module] = None
     detokenizer: Optional[object] = None
 
+    @classmethod
+    def from_params(cls, cfg, params: dict, tokenizer, where: str = "llm") -> "StoryModel":
+        """From parameter trees in memory: "llm" and "mllm" (the agent), "vit" and the de-tokenizer's
+        ("detokenizer", "unet", "vae") where present."""
+        from seed_story_jax.models import llama, vit
+        from seed_story_jax.models.detokenizer import Detokenizer
+
+        with nnx.use_eager_sharding(False):
+            res = nnx.eval_shape(lambda: agent.build(cfg.mllm, nnx.Rngs(0)))
+        graphdef, state = nnx.split(res)
+        nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params["mllm"]))
+        return cls(cfg=cfg, llm=llama.from_params(cfg.llm, params["llm"], where=where), mllm=nnx.merge(graphdef, state),
+                   tokenizer=tokenizer, vit=vit.from_params(cfg.vit, params["vit"]) if "vit" in params else None,
+                   detokenizer=Detokenizer(cfg, params) if "detokenizer" in params else None)
+
 
 def load_story_model(ckpt_dir, *, render: bool = True) -> StoryModel:
     """The components a story needs from a checkpoint directory: llm, mllm, tokenizer, vit, and
     (when `render`) the de-tokenizer (detokenizer, unet, vae)."""
     from seed_story_jax.checkpoint import CheckpointError, components_of, load_component, read_config
-    from seed_story_jax.models import llama, vit
+    from seed_story_jax.models import vit
     from seed_story_jax.models.detokenizer import Detokenizer
     from seed_story_jax.tokenizer import Tokenizer
 
@@ -126,13 +141,9 @@ def load_story_model(ckpt_dir, *, render: bool = True) -> StoryModel:
         raise CheckpointError(f"{ckpt_dir}: a story needs components {missing} (have {have})")
     if not (Path(ckpt_dir) / "tokenizer").is_dir():
         raise CheckpointError(f"{ckpt_dir}: no tokenizer/ directory")
-    llm = llama.from_params(cfg.llm, load_component(ckpt_dir, "llm"), where=f"{ckpt_dir}/params/llm")
-    with nnx.use_eager_sharding(False):
-        res = nnx.eval_shape(lambda: agent.build(cfg.mllm, nnx.Rngs(0)))
-    graphdef, state = nnx.split(res)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, load_component(ckpt_dir, "mllm")))
-    return StoryModel(cfg=cfg, llm=llm, mllm=nnx.merge(graphdef, state), tokenizer=Tokenizer.load(Path(ckpt_dir) / "tokenizer"),
-                      vit=vit.load(ckpt_dir), detokenizer=Detokenizer.load(ckpt_dir) if render else None)
+    model = StoryModel.from_params(cfg, {"llm": load_component(ckpt_dir, "llm"), "mllm": load_component(ckpt_dir, "mllm")},
+                                   Tokenizer.load(Path(ckpt_dir) / "tokenizer"), where=f"{ckpt_dir}/params/llm")
+    return dataclasses.replace(model, vit=vit.load(ckpt_dir), detokenizer=Detokenizer.load(ckpt_dir) if render else None)
 
 
 # ------------------------------------------------------------------------------------------- pure steps

@@ -22,7 +22,6 @@ from seed_story_jax.models import llama as llama_model
 from seed_story_jax.models import mllm
 from seed_story_jax.tokenizer import train_tiny_tokenizer
 from tests.torch_ref import agent as ref
-from tests.torch_ref.resamplers import Resampler
 
 RTOL = 1e-5
 FEAT_RTOL = 1e-4
@@ -61,22 +60,7 @@ def _config(tok, n: int):
 
 
 def _torch_agent(cfg, seed=0):
-    c = cfg.llm
-    hf = ref.tiny_llama(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads,
-                        eps=c.rms_norm_eps, theta=c.rope_theta, seed=seed)
-    llm = ref.PeftModelForCausalLM(hf, r=LORA.rank, alpha=LORA.alpha)
-    ref.randomize_adapters(llm, seed)
-    res = []
-    for i, rc in enumerate((cfg.mllm.input_resampler, cfg.mllm.output_resampler)):
-        r = Resampler(rc.grid_size, rc.embed_dim, rc.num_heads, rc.kv_dim, eps=rc.eps)
-        g = torch.Generator().manual_seed(100 + seed + i)
-        with torch.no_grad():
-            for name, p in r.named_parameters():
-                if name != "pos_embed":
-                    p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.ndim > 1 else 0.3)
-                            + (1.0 if name.startswith("ln") and name.endswith("weight") else 0.0))
-        res.append(r)
-    return ref.ContinuousLVLM(llm, res[0], res[1], cfg.mllm.lm_loss_scale, cfg.mllm.rec_loss_scale).eval()
+    return ref.tiny_agent(cfg, seed)
 
 
 def _jax_agent(cfg, torch_agent):

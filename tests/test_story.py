@@ -7,7 +7,8 @@
   ≤ 1e-5 relative); frame 1 equals `mllm.AgentGenerator` (the torch-checked generator with forced
   image tokens, test_mllm.py) on the same prompt: text ids identical, features ≤ 1e-4 relative.
 * The window policy reproduces gen_george.py's prompt surgery (checked against a transcription of
-  the original loop); chunked image queries equal token-by-token ones (in the policy test).
+  the original loop) and its outputs: the released loop run in PyTorch with transformers' generate
+  and the same weights writes the same text, frame after frame, and regresses the same features.
 * `seed-story init tiny` then `seed-story generate --frames 30` writes every output; story.json
   lists files that exist.
 """
@@ -143,6 +144,38 @@ def test_window_policy_is_the_released_prompt_surgery(teller):
         while n_images > 2:
             prompt = prompt[prompt.index("</img>") + len("</img>") + len("[INST]"):]
             n_images -= 1
+
+
+def test_window_policy_equals_the_released_loop_in_pytorch(teller):
+    """The window policy against gen_george.py run in PyTorch (tests/torch_ref/story.py: the
+    original's generate through transformers, LoRA unmerged), same weights, window 3 so images are
+    evicted and the prompt is cut: every frame's text ids identical, regressed features ≤ 1e-4
+    relative (fp32; the torch side re-encodes everything each frame, ours too but in JAX)."""
+    import torch
+
+    from convert import agent as convert_agent
+    from seed_story_jax.config import LoRAConfig
+    from seed_story_jax.story import StoryModel
+    from tests.torch_ref import agent as torch_ref
+    from tests.torch_ref.story import released_story
+
+    cfg = teller.cfg
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, lora=LoRAConfig(rank=4, alpha=8.0, dropout=0.0)),
+                              cache=dataclasses.replace(cfg.cache, window_images=3))
+    agent = torch_ref.tiny_agent(cfg, seed=1)
+    params = convert_agent.from_torch({k: v.detach().numpy().copy() for k, v in agent.state_dict().items()}, cfg,
+                                      keep_lora=True)
+    ours = StoryTeller(StoryModel.from_params(cfg, params, teller.tok))
+    start = _start(teller, 1)
+    torch.set_num_threads(1)
+    want = released_story(agent, ours.tok, ours.tokens, ours.image_string, start[0], TEXTS[0], frames=7, window=3,
+                          n_text=6)
+    got = ours.tell(start, TEXTS[:1], StoryOptions(frames=7, min_text_tokens=6, max_text_tokens=6, render="none",
+                                                   progress=False, policy="window"))[0]
+    assert [w["prompt_images"] for w in want] == [1, 2, 3, 3, 3, 3]  # the first images were cut from the prompt
+    for k, w in enumerate(want, start=1):
+        assert got.frames[k].token_ids == w["token_ids"], k
+        assert _rel(got.frames[k].features, w["features"]) <= 1e-4, k
 
 
 def test_captions_mode_writes_the_given_texts(teller):

@@ -184,9 +184,10 @@ class ContinuousLVLM(nn.Module):
     @torch.no_grad()
     def generate(self, img_ids_list, input_ids, image_embeds=None, embeds_cmp_mask=None, ids_cmp_mask=None,
                  num_img_gen_tokens: int = 64, max_new_tokens: int = 120, eos_token_id: int = 2,
-                 suppress_value: float = 0.0):
-        """Greedy decoding with forcing and the hidden-state read-back of the original (one row)."""
-        processors = LogitsProcessorList([AutoImageTokenGenerationProcessor(img_ids_list, suppress_value)])
+                 suppress_value: float = 0.0, after=()):
+        """Greedy decoding with forcing and the hidden-state read-back of the original (one row).
+        `after`: logits processors run after the original's (benchmarks fix the text length)."""
+        processors = LogitsProcessorList([AutoImageTokenGenerationProcessor(img_ids_list, suppress_value), *after])
         input_embeds = self.llm.get_input_embeddings()(input_ids)
         dim = input_embeds.shape[-1]
         if image_embeds is not None:
@@ -205,3 +206,24 @@ class ContinuousLVLM(nn.Module):
             e = eoi_indices[-1]
             feat = self.output_resampler(last_hidden[e - num_img_gen_tokens:e][None])
         return {"generate_ids": generate_ids, "img_gen_feat": feat, "has_img_output": bool(eoi_indices)}
+
+
+def tiny_agent(cfg, seed: int = 0) -> ContinuousLVLM:
+    """The agent of a seed-story config (its llm.lora rank/alpha) with random weights: nonzero LoRA,
+    trained-looking norms and resamplers (tests and the story benchmark)."""
+    c = cfg.llm
+    hf = tiny_llama(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads,
+                    eps=c.rms_norm_eps, theta=c.rope_theta, seed=seed)
+    llm = PeftModelForCausalLM(hf, r=c.lora.rank, alpha=c.lora.alpha)
+    randomize_adapters(llm, seed)
+    res = []
+    for i, rc in enumerate((cfg.mllm.input_resampler, cfg.mllm.output_resampler)):
+        r = Resampler(rc.grid_size, rc.embed_dim, rc.num_heads, rc.kv_dim, eps=rc.eps)
+        g = torch.Generator().manual_seed(100 + seed + i)
+        with torch.no_grad():
+            for name, p in r.named_parameters():
+                if name != "pos_embed":
+                    p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.ndim > 1 else 0.3)
+                            + (1.0 if name.startswith("ln") and name.endswith("weight") else 0.0))
+        res.append(r)
+    return ContinuousLVLM(llm, res[0], res[1], cfg.mllm.lm_loss_scale, cfg.mllm.rec_loss_scale).eval()
