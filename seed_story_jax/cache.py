@@ -1,7 +1,9 @@
 """The decoder's KV cache: fixed-size buffers with per-slot metadata, and the eviction policies of
 long stories (spec §3), all inside the compiled step — no shape ever changes.
 
-    k, v      (layers, batch, capacity, kv_heads, head_dim)
+    k, v      (layers, batch, capacity, kv_heads, head_dim), or a tuple of per-layer
+              (batch, capacity, kv_heads, head_dim) buffers (`layered`: models with unrolled layers,
+              so each layer updates its own buffer in place)
     pos       (batch, capacity) int32   original position of the token held in each slot
     key_pos   (batch, capacity) int32   position the slot's key is rotated with and masked by
     valid     (batch, capacity) bool    slot holds a token that may be attended to
@@ -110,8 +112,8 @@ class CachePolicy:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple
+    v: jax.Array | tuple
     pos: jax.Array
     valid: jax.Array
     kind: jax.Array
@@ -126,13 +128,17 @@ class KVCache:
 
     @classmethod
     def create(cls, num_layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
-               dtype=jnp.float32, policy: CachePolicy = CachePolicy()) -> "KVCache":
+               dtype=jnp.float32, policy: CachePolicy = CachePolicy(), layered: bool = False) -> "KVCache":
         policy.layout(capacity)  # refuses a capacity with no ring
         buf = (num_layers, batch, capacity, kv_heads, head_dim)
         row = (batch, capacity)
+
+        def zeros():
+            return tuple(jnp.zeros(buf[1:], dtype) for _ in range(num_layers)) if layered else jnp.zeros(buf, dtype)
+
         return cls(
-            k=jnp.zeros(buf, dtype),
-            v=jnp.zeros(buf, dtype),
+            k=zeros(),
+            v=zeros(),
             pos=jnp.zeros(row, jnp.int32),
             valid=jnp.zeros(row, jnp.bool_),
             kind=jnp.zeros(row, jnp.int8),
@@ -148,11 +154,12 @@ class KVCache:
 
     @classmethod
     def for_model(cls, cfg, batch: int, capacity: int, dtype=None, policy: CachePolicy = CachePolicy()) -> "KVCache":
-        """A cache shaped for a LlamaConfig; dtype defaults to the model's compute dtype."""
+        """A cache shaped for a LlamaConfig (stacked for scanned layers, per layer otherwise); dtype
+        defaults to the model's compute dtype."""
         from seed_story_jax.nn.params import dtype_of
 
         return cls.create(cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.resolved_head_dim,
-                          dtype_of(dtype or cfg.dtype), policy)
+                          dtype_of(dtype or cfg.dtype), policy, layered=not cfg.scan_layers)
 
     @property
     def capacity(self) -> int:
@@ -340,18 +347,32 @@ def plan_write(
 # ------------------------------------------------------------------------------------------ buffers
 
 
-def write_layer(buf: jax.Array, layer, write: Write, new: jax.Array) -> jax.Array:
-    """Copy this chunk's pinned evictees into the pin region, then scatter `new` (B, T, K, D) into
-    `buf` (L, B, C, K, D) at layer `layer` (int or traced)."""
-    rows = jnp.arange(buf.shape[1])[:, None]
+def pinned_values(buf, write: Write):
+    """What each layer's pin moves copy — (L, B, T, K, D), or a tuple of (B, T, K, D) for per-layer
+    buffers — read before any layer writes (reading a buffer that is being updated in place makes
+    XLA copy the whole cache)."""
+    if write.pin_src is None:
+        return None
+    if isinstance(buf, tuple):
+        return tuple(pinned_values(b[None], write)[0] for b in buf)
+    src = jnp.clip(write.pin_src, 0, buf.shape[2] - 1)
+    return buf[:, jnp.arange(buf.shape[1])[:, None], src]
+
+
+def write_layer(buf: jax.Array, layer, write: Write, new: jax.Array, moved: Optional[jax.Array] = None) -> jax.Array:
+    """Copy this chunk's pinned evictees into the pin region (`moved`: their values from
+    `pinned_values`, else read here), then scatter `new` (B, T, K, D) into `buf`: the stack
+    (L, B, C, K, D) at layer `layer` (int or traced), or one layer's (B, C, K, D) when `layer` is None."""
+    at = (jnp.arange(buf.shape[-4])[:, None],) if layer is None else (layer, jnp.arange(buf.shape[1])[:, None])
     if write.pin_src is not None:
-        src = jnp.clip(write.pin_src, 0, buf.shape[2] - 1)
-        buf = buf.at[layer, rows, write.pin_dst].set(buf[layer, rows, src], mode="drop")
-    return buf.at[layer, rows, write.slots].set(new.astype(buf.dtype), mode="drop")
+        if moved is None:
+            moved = buf[at + (jnp.clip(write.pin_src, 0, buf.shape[-3] - 1),)]
+        buf = buf.at[at + (write.pin_dst,)].set(moved, mode="drop")
+    return buf.at[at + (write.slots,)].set(new.astype(buf.dtype), mode="drop")
 
 
 def read_layer(buf: jax.Array, layer) -> jax.Array:
-    return jax.lax.dynamic_index_in_dim(buf, layer, axis=0, keepdims=False)
+    return buf if layer is None else jax.lax.dynamic_index_in_dim(buf, layer, axis=0, keepdims=False)
 
 
 def attention_mask(cache: KVCache, q_positions: jax.Array) -> jax.Array:

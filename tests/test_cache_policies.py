@@ -145,6 +145,34 @@ def test_after_eviction_attention_sees_exactly_the_held_tokens(policy, positions
     assert _rel(logits[:, 0], want) <= RTOL
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_decode_step_updates_the_cache_in_place(scan):
+    """A decode step writes its token's slot (and pin moves) into the cache buffers in place: the
+    compiled step copies no whole cache buffer (a restack, a scan's stacked output or a copy before
+    an in-place update would; each costs a full pass over the cache per token)."""
+    from flax import nnx
+
+    cfg = dataclasses.replace(CFG, scan_layers=scan)
+    m = L.init_model(cfg, 0)
+    pol = kvc.CachePolicy(kind="multimodal-sink", positions="shifted", pin_slots=12)
+    cache = kvc.KVCache.for_model(cfg, 1, 4 + 12 + 40, policy=pol)
+    assert isinstance(cache.k, tuple) != scan  # per-layer buffers for unrolled layers
+    graphdef, state = nnx.split(m)
+    step = jax.jit(lambda s, t, c: nnx.merge(graphdef, s)(t, cache=c)[::2], donate_argnums=2)
+    hlo = step.lower(state, jnp.ones((1, 1), jnp.int32), cache).compile().as_text()
+    buffers = {"f32[%s]" % ",".join(map(str, x.shape)) for x in jax.tree.leaves((cache.k, cache.v))}
+    stacked = "f32[%d,1,56,%d,%d]" % (cfg.num_layers, cfg.num_kv_heads, cfg.resolved_head_dim)
+
+    def result(ln):
+        return ln.split("=")[1].strip().split("{")[0]
+
+    lines = hlo.splitlines()
+    assert any(result(ln) in buffers for ln in lines if "=" in ln and "parameter(" in ln)  # the check can see them
+    copies = [ln for ln in lines if " copy(" in ln and result(ln) in buffers]
+    restacks = [ln for ln in lines if " concatenate(" in ln and result(ln) == stacked]
+    assert not copies and not restacks, (copies + restacks)[:3]
+
+
 def test_chunk_longer_than_the_ring_is_refused():
     pol = kvc.CachePolicy(kind="multimodal-sink", pin_slots=8)
     cache = kvc.KVCache.create(1, 1, 4 + 8 + 20, 1, 2, policy=pol)  # ring 20, max chunk 20 − 8

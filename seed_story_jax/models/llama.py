@@ -70,8 +70,10 @@ class Attention(nnx.Module):
         return apply_rope(k, cos, sin)
 
     def __call__(self, x, cos, sin, mask, kv_io, dropout_key=None):
-        """kv_io: None (attend within x) or (k_layer, v_layer, write): this layer's cache buffers
-        (B, C, K, D) and the chunk's planned write; returns the updated buffers."""
+        """kv_io: None (attend within x) or (k, v, layer, write, moved): the stacked cache buffers
+        (L, B, C, K, D) and this layer's index (int or traced) — or this layer's own (B, C, K, D)
+        buffers and None — the chunk's planned write and this layer's pinned evictees (k, v) or
+        None; returns the updated buffers."""
         b, t, _ = x.shape
         dk = _split(dropout_key, 4)
         q = checkpoint_name(self.q_proj(x, dk[0]), "q_proj").reshape(b, t, self.num_heads, self.head_dim)
@@ -81,13 +83,16 @@ class Attention(nnx.Module):
         if kv_io is None:
             out, new_kv = attention(q, self.rotate_keys(k, cos, sin), v, mask=mask), None
         else:
-            k_buf, v_buf, write = kv_io
+            k_all, v_all, layer, write, moved = kv_io
+            moved = (None, None) if moved is None else moved
             shifted = write.key_cos is not None  # cache holds pre-RoPE keys, rotated by place in cache
-            # Layer-local buffers: a write touches this layer's (B, C, K, D) only, never the stack.
-            k_buf = kvc.write_layer(k_buf[None], 0, write, k if shifted else self.rotate_keys(k, cos, sin))[0]
-            v_buf = kvc.write_layer(v_buf[None], 0, write, v)[0]
+            # Scatter the chunk's slots into the stack in place and read this layer back: a step
+            # never rewrites the whole cache.
+            k_all = kvc.write_layer(k_all, layer, write, k if shifted else self.rotate_keys(k, cos, sin), moved[0])
+            v_all = kvc.write_layer(v_all, layer, write, v, moved[1])
+            k_buf, v_buf = kvc.read_layer(k_all, layer), kvc.read_layer(v_all, layer)
             ks = self.rotate_keys(k_buf, write.key_cos, write.key_sin) if shifted else k_buf
-            out, new_kv = attention(q, ks.astype(q.dtype), v_buf.astype(q.dtype), mask=mask), (k_buf, v_buf)
+            out, new_kv = attention(q, ks.astype(q.dtype), v_buf.astype(q.dtype), mask=mask), (k_all, v_all)
         return self.o_proj(out.reshape(b, t, -1), dk[3]), new_kv
 
 
@@ -200,36 +205,46 @@ class Llama(nnx.Module):
         return logits, hidden, cache
 
     def _layers(self, h, cos, sin, mask, kv, write, dropout_key):
-        """Run the decoder stack; kv: None or the stacked (k, v) cache buffers (L, B, C, K, D).
-        Each layer reads and writes only its own slice (scan: as xs/ys; unrolled: slice and
-        update in place), so a step moves O(L·C) cache bytes, not O(L²·C)."""
+        """Run the decoder stack; kv: None or the stacked (k, v) cache buffers (L, B, C, K, D),
+        threaded through the layers (scan: in the carry) and updated in place — the output of a
+        scan (ys) or a restack would rewrite the whole cache at every step."""
         n = self.cfg.num_layers
         keys = None if dropout_key is None else jax.random.split(dropout_key, n)
+        moved = None
+        if kv is not None and write.pin_src is not None:
+            moved = (kvc.pinned_values(kv[0], write), kvc.pinned_values(kv[1], write))
 
-        def apply(graphdef, state, h, kv_layer, key):
+        def apply(graphdef, state, h, kv, layer, moved, key):
             mod = nnx.merge(graphdef, state)
-            kv_io = None if kv_layer is None else (kv_layer[0], kv_layer[1], write)
-            return mod(h, cos, sin, mask, kv_io, key)
+            return mod(h, cos, sin, mask, None if kv is None else (kv[0], kv[1], layer, write, moved), key)
 
         if self.cfg.remat != "none":
             apply = jax.checkpoint(apply, policy=_REMAT[self.cfg.remat](), static_argnums=(0,))
 
+        layered = kv is not None and isinstance(kv[0], tuple)
         if self.cfg.scan_layers:
+            if layered:
+                raise ValueError("a model with scanned layers needs a stacked cache (KVCache.for_model makes one)")
             graphdef, state = nnx.split(self.layers)
 
-            def body(h, xs):
-                st, kv_layer, key = xs
-                return apply(graphdef, st, h, kv_layer, key)
+            def body(carry, xs):
+                h, kv = carry
+                st, layer, moved, key = xs
+                return apply(graphdef, st, h, kv, layer, moved, key), None
 
-            return jax.lax.scan(body, h, (state, kv, keys))
-        # Unstacked per-layer buffers, restacked once at the end: updating the stack layer by layer
-        # makes XLA copy the whole stack at every layer.
-        bufs = [None] * n if kv is None else [(kv[0][i], kv[1][i]) for i in range(n)]
+            (h, kv), _ = jax.lax.scan(body, (h, kv), (state, jnp.arange(n), moved, keys))
+            return h, kv
+        bufs = list(zip(*kv)) if layered else None
         for i, layer_mod in enumerate(self.layers):
             graphdef, state = nnx.split(layer_mod)
-            h, bufs[i] = apply(graphdef, state, h, bufs[i], None if keys is None else keys[i])
-        if kv is not None:
-            kv = (jnp.stack([b[0] for b in bufs]), jnp.stack([b[1] for b in bufs]))
+            mv = None if moved is None else (moved[0][i], moved[1][i])
+            key = None if keys is None else keys[i]
+            if layered:  # this layer's own buffers (layer index None)
+                h, bufs[i] = apply(graphdef, state, h, bufs[i], None, mv, key)
+            else:
+                h, kv = apply(graphdef, state, h, kv, i, mv, key)
+        if layered:
+            kv = tuple(zip(*bufs))
         return h, kv
 
 
