@@ -185,6 +185,70 @@ def test_init_from_a_checkpoint_and_frozen_params_survive_resume(tmp_path):
     assert [a[s] for s in range(1, 5)] == [b[s] for s in range(1, 5)]
 
 
+def test_init_reads_covered_components_and_randomises_only_the_rest(tmp_path, monkeypatch):
+    """train.init covering every component: no random initialiser is traced at all and the initial
+    state holds the checkpoint's values (trainable fp32, frozen) with fresh Adam moments and init's
+    rng. Covering one of two components: the other gets exactly the values of a full random init."""
+    import dataclasses
+
+    from flax import nnx
+
+    from seed_story_jax.checkpoint import save_checkpoint
+    from seed_story_jax.models import llama
+    from seed_story_jax.train import state as S
+    from seed_story_jax.train.stages import make_task
+    from seed_story_jax.train.task import Bundle
+
+    traced, inits = [], []
+    real_setup = S.abstract_setup
+
+    def spy_setup(*a, **k):
+        init, *rest = real_setup(*a, **k)
+        inits.append(init)
+
+        def counted():
+            traced.append(1)
+            return init()
+
+        return (counted, *rest)
+
+    monkeypatch.setattr(S, "abstract_setup", spy_setup)
+    base = _cfg(mesh=(1, 1, 1))
+    with nnx.use_eager_sharding(False):
+        pre = jax.tree.map(np.asarray, nnx.state(llama.build(base.llm, nnx.Rngs(7)), nnx.Param).to_pure_dict())
+    save_checkpoint(tmp_path / "pre", base, {"llm": pre})
+    cfg = _cfg("train.trainable_regex=lm_head|norm", f"train.init={tmp_path / 'pre'}", "train.seed=3", mesh=(2, 2, 2))
+
+    res = loop.run(cfg, tmp_path / "all", progress=False, stop_at=0)
+    assert traced == [] and res.step == 0
+    p, f = res.state.params["llm"], res.frozen["llm"]
+    np.testing.assert_array_equal(np.asarray(p["lm_head"]["kernel"]), pre["lm_head"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(p["norm"]["scale"]), pre["norm"]["scale"])
+    np.testing.assert_array_equal(np.asarray(f["layers"][1]["self_attn"]["k_proj"]["kernel"]),
+                                  pre["layers"][1]["self_attn"]["k_proj"]["kernel"])
+    assert p["lm_head"]["kernel"].sharding.spec == P("fsdp", "tensor")
+    adam = res.state.opt_state[1][0]
+    assert not np.any(np.asarray(adam.mu["llm"]["lm_head"]["kernel"])) and int(res.state.step) == 0
+    np.testing.assert_array_equal(np.asarray(res.state.rng), np.asarray(jax.random.key_data(jax.random.key(4))))
+
+    # two components, the checkpoint has one: `extra` (not a config section) is initialised randomly
+    task = make_task(cfg)
+    task = dataclasses.replace(task, key=None, build=lambda rngs: Bundle(llm=llama.build(cfg.llm, rngs),
+                                                                         extra=llama.build(cfg.llm, rngs)))
+    part = loop.run(cfg, tmp_path / "part", task=task, progress=False, stop_at=0)
+    assert traced == [1]  # one trace: the random part's
+    full_state, full_frozen = jax.jit(inits[-1])()  # the whole model at random
+    np.testing.assert_array_equal(np.asarray(part.frozen["llm"]["embed_tokens"]["embedding"]),
+                                  pre["embed_tokens"]["embedding"])
+    np.testing.assert_array_equal(np.asarray(part.state.params["llm"]["lm_head"]["kernel"]), pre["lm_head"]["kernel"])
+    for name, got, want in (("frozen", part.frozen["extra"], full_frozen["extra"]),
+                            ("params", part.state.params["extra"], full_state.params["extra"])):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    assert not np.array_equal(np.asarray(full_frozen["llm"]["embed_tokens"]["embedding"]),
+                              pre["embed_tokens"]["embedding"])  # the checkpoint really replaced something
+
+
 def test_grad_accumulation_matches_one_batch(one_device, tmp_path):
     b = loop.run(_cfg("train.grad_accum=2", mesh=(1, 1, 1)), tmp_path, progress=False, stop_at=3)
     assert b.step == 3

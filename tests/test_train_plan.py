@@ -65,6 +65,10 @@ def test_warns_about_a_batch_that_does_not_split():
     assert batch_warning(mesh, 8, rules) == ""
     msg = batch_warning(mesh, 6, rules)
     assert "not a multiple of the 4 batch shards (data × fsdp)" in msg and "split 2 ways" in msg
+    assert "mesh.tensor" not in msg  # gcd(6, 8) = 2: no better split to offer
+    # stage 2's case: 240 over 64 devices is split 1 way; 16 of them can take 15 each, 4-way tensor parallel
+    msg = batch_warning(make_mesh(MeshConfig(data=1, fsdp=8, tensor=1)), 12, rules)
+    assert "split 1 ways" in msg and msg.endswith("split it 4 ways: mesh.data=1 mesh.fsdp=4 mesh.tensor=2")
 
 
 def test_tpu_without_libtpu_says_how_to_install():

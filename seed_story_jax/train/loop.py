@@ -149,15 +149,12 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
     restored = restore_latest(mngr, S.with_shardings(state_abs, state_sh),
                               S.with_shardings(frozen_abs, frozen_sh) if t.save_frozen else None)
     if restored is None:
-        state, frozen = _cached(("init", init_key), lambda: jax.jit(init, out_shardings=(state_sh, frozen_sh)))()
-        if t.init:  # pretrained weights replace the random ones, trainable and frozen alike
-            _overlay_init(cfg, t.init, state.params, frozen, state_sh.params, frozen_sh)
+        state, frozen = initial_state(cfg, init, init_key, tx, state_abs, frozen_abs, state_sh, frozen_sh)
     elif restored[3] is not None:
         frozen = restored[3]
     else:  # frozen params are not in the checkpoint: rebuilt from the seed, or from train.init
-        frozen = _cached(("frozen", init_key), lambda: jax.jit(lambda: init()[1], out_shardings=frozen_sh))()
-        if t.init:
-            _overlay_init(cfg, t.init, None, frozen, None, frozen_sh)
+        _, frozen = initial_state(cfg, init, init_key, tx, state_abs, frozen_abs, state_sh, frozen_sh,
+                                  frozen_only=True)
 
     spec = example_spec(task)
     b = t.batch_size
@@ -282,15 +279,60 @@ def _cached(key, make):
     return _JITTED[key]
 
 
-def _overlay_init(cfg, path: str, params, frozen, params_sh, frozen_sh) -> None:
-    """Load every component of checkpoint `path` that the model has into `params` (may be None:
-    then only the frozen ones) and `frozen`, in place."""
-    from seed_story_jax.checkpoint import CheckpointError, components_of, load_component
+def initial_state(cfg, init, init_key, tx, state_abs, frozen_abs, state_sh, frozen_sh, *, frozen_only=False):
+    """(TrainState, frozen) of a fresh run — or (None, frozen) with `frozen_only` (a resume whose
+    checkpoint lacks the frozen params). Components that train.init provides are read from it; only
+    the others get random values, from a jit of `init` that returns just theirs (XLA drops the rest
+    of the initialiser, so a run that loads everything compiles no random init: minutes for SDXL).
+    The values equal a full random init overlaid with train.init's; the optimizer state is
+    `tx.init` of the initial params and the rng is `init`'s."""
+    t = cfg.train
+    comps = set(state_abs.params) | set(frozen_abs)
+    loaded = _init_components(t.init, comps) if t.init else []
+    missing = sorted(comps - set(loaded), key=str)
+    keep = lambda tree: {k: v for k, v in tree.items() if k in missing}  # noqa: E731
+    params, frozen = {}, {}
+    if missing:
+        def random_part():
+            state, fr = init()
+            return ({} if frozen_only else keep(state.params)), keep(fr)
+
+        out_sh = ({} if frozen_only else keep(state_sh.params), keep(frozen_sh))
+        params, frozen = _cached(("init", init_key, tuple(missing), frozen_only),
+                                 lambda: jax.jit(random_part, out_shardings=out_sh))()
+    if loaded:
+        copy = lambda tree: {k: jax.tree.map(lambda x: x, v) for k, v in tree.items() if k in loaded}  # noqa: E731
+        lp, lf = (None if frozen_only else copy(state_abs.params)), copy(frozen_abs)
+        _overlay_init(cfg, t.init, lp, lf, None if frozen_only else state_sh.params, frozen_sh, comps=loaded)
+        params, frozen = {**params, **(lp or {})}, {**frozen, **lf}
+    if frozen_only:
+        return None, frozen
+    seed = t.seed
+
+    def fresh(params):
+        return S.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=tx.init(params),
+                            rng=jax.random.key_data(jax.random.key(seed + 1)))
+
+    state = _cached(("fresh", init_key), lambda: jax.jit(fresh, out_shardings=state_sh, donate_argnums=0))(params)
+    return state, frozen
+
+
+def _init_components(path: str, comps) -> list:
+    from seed_story_jax.checkpoint import CheckpointError, components_of
+
+    have = components_of(path)
+    loaded = [c for c in have if c in comps]
+    if not loaded:
+        raise CheckpointError(f"train.init {path}: none of its components {have} is in this model")
+    return loaded
+
+
+def _overlay_init(cfg, path: str, params, frozen, params_sh, frozen_sh, *, comps) -> None:
+    """Load components `comps` of checkpoint `path` into `params` (may be None: then only the frozen
+    ones) and `frozen`, in place."""
+    from seed_story_jax.checkpoint import load_component
     from seed_story_jax.models import module_for
 
-    comps = [c for c in components_of(path) if c in (params or {}) or c in frozen]
-    if not comps:
-        raise CheckpointError(f"train.init {path}: none of its components {components_of(path)} is in this model")
     for comp in comps:
         loaded = load_component(path, comp)
         relayout = getattr(module_for(comp), "relayout", None)

@@ -69,9 +69,14 @@ def batch_warning(mesh, batch_size: int, rules) -> str:
     got = batch_split(batch_sharding(mesh, (batch_size,), rules))
     if got == n:
         return ""
-    return (f"global batch {batch_size} is not a multiple of the {n} batch shards ({' × '.join(axes)}); "
-            f"it is split {got} ways, so each device holds {batch_size // got} examples instead of "
-            f"{batch_size / n:g}: choose a multiple of {n}")
+    msg = (f"global batch {batch_size} is not a multiple of the {n} batch shards ({' × '.join(axes)}); "
+           f"it is split {got} ways, so each device holds {batch_size // got} examples instead of "
+           f"{batch_size / n:g}: choose a multiple of {n}")
+    devices = mesh.devices.size
+    g = math.gcd(batch_size, devices)
+    if got < g:  # the rest of the devices can split the model instead (tensor parallelism)
+        msg += f", or keep it and split it {g} ways: mesh.data=1 mesh.fsdp={g} mesh.tensor={devices // g}"
+    return msg
 
 
 # ------------------------------------------------------------------------------ activations
