@@ -33,6 +33,21 @@ def timeit(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> dict:
     return {"median": statistics.median(runs), "min": min(runs), "runs": runs}
 
 
+def torch_at_best_threads(measure: Callable[[], float]) -> tuple[int, dict]:
+    """Run `measure()` (seconds, lower is better) with torch at 1 and at all intra-op threads; set
+    and return the faster count and every result. The reference is measured at its best: on a
+    shared 2-core machine two threads can be several times slower than one."""
+    import torch
+
+    results = {}
+    for threads in sorted({1, torch.get_num_threads()}):
+        torch.set_num_threads(threads)
+        results[threads] = measure()
+    best = min(results, key=results.get)
+    torch.set_num_threads(best)
+    return best, results
+
+
 def machine() -> dict:
     info = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
     try:

@@ -106,16 +106,14 @@ def run_cpu(args) -> dict:
         state["torch_out"] = torch.cat(toks, 1).numpy()
         return dt
 
-    # The reference at its best thread count: on a shared 2-core box two intra-op threads can be
-    # several times slower than one (they spin against each other and XLA's pool).
     by_threads = {}
-    for threads in sorted({1, torch.get_num_threads()}):
-        torch.set_num_threads(threads)
+
+    def torch_median():
         torch_decode_timed()
-        runs = sorted(torch_decode_timed() for _ in range(args.repeats))
-        by_threads[threads] = runs
-    torch_threads = min(by_threads, key=lambda k: by_threads[k][len(by_threads[k]) // 2])
-    torch.set_num_threads(torch_threads)
+        runs = by_threads.setdefault(torch.get_num_threads(), sorted(torch_decode_timed() for _ in range(args.repeats)))
+        return runs[len(runs) // 2]
+
+    torch_threads, _ = common.torch_at_best_threads(torch_median)
     torch_runs = by_threads[torch_threads]
     torch_pre = common.timeit(torch_prefill, args.repeats)
     torch_tok = torch_runs[len(torch_runs) // 2] / (n - 1)
