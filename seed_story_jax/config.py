@@ -512,7 +512,7 @@ class MeshConfig:
         ("q_lora", None),
         ("lora_rank", None),
         ("norm", None),
-        ("conv_in", None),
+        ("conv_in", "fsdp"),  # conv kernels are FSDP-sharded like linear ones (SDXL's ~640 MiB of them)
         ("conv_out", "tensor"),
         ("kernel_h", None),
         ("kernel_w", None),

@@ -176,6 +176,22 @@ def test_fit_spec_drops_axes_that_do_not_divide():
     assert fit_spec(P("tensor"), (3,), m) == P()
 
 
+def test_fitted_spec_passes_an_axis_a_dimension_cannot_take_to_the_next():
+    from seed_story_jax.train.rules import fitted_spec
+
+    m, rules = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2)), MeshConfig().rules
+    conv = ("kernel_h", "kernel_w", "conv_in", "conv_out")
+    # the ViT's patch conv: 3 input channels cannot take fsdp, so its embed dimension does
+    assert fitted_spec(conv[:3] + ("embed",), (14, 14, 3, 1664), m, rules) == P(None, None, None, "fsdp")
+    # a UNet conv: FSDP over the input channels, tensor over the output ones (never replicated)
+    assert fitted_spec(conv, (3, 3, 320, 640), m, rules) == P(None, None, "fsdp", "tensor")
+    assert fitted_spec(conv, (3, 3, 6, 320), m, rules) == P(None, None, None, "tensor")
+    # each mesh axis at most once; a batch that does not split keeps what divides it
+    assert fitted_spec(("embed", "embed"), (64, 64), m, rules) == P("fsdp")
+    assert fitted_spec(("batch", None), (6, 3), m, rules) == P("data")  # data is 1 here
+    assert fitted_spec(("vocab", "embed"), (33, 64), m, rules) == P(None, "fsdp")
+
+
 def test_trainable_presets_on_llama_paths():
     from flax import nnx
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
 from typing import Optional
 
 GIB = 1 << 30
@@ -158,8 +159,10 @@ def plan(cfg, topo: Topology) -> dict:
         make_train_step(graphdef, task.loss_fn, tx, grad_accum=t.grad_accum, lr_fn=lr_schedule(t), mesh=mesh,
                         batch_spec=jax.tree.leaves(batch_sh)[0].spec[:1] or (None,)),
         state_sh, frozen_sh, batch_sh, mesh)
+    t0 = time.perf_counter()
     with R.activation_rules(mesh, rules):
         lowered = step.lower(state_abs, frozen_abs, batch_abs)
+    t1 = time.perf_counter()
     try:
         compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - the TPU compiler refuses programs that overflow HBM
@@ -172,13 +175,19 @@ def plan(cfg, topo: Topology) -> dict:
         mem, oom = compiled.memory_analysis(), ""
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    t2 = time.perf_counter()
     batch_split = R.batch_split(jax.tree.leaves(batch_sh)[0])
 
     params = _bytes_per_device(state_abs.params, state_sh.params)
     opt = _bytes_per_device(state_abs.opt_state, state_sh.opt_state)
     frozen = _bytes_per_device(frozen_abs, frozen_sh)
+    batch = _bytes_per_device(batch_abs, batch_sh)
+    # Every argument stays resident, used or not (XLA's argument size may leave out parameters the
+    # step never reads, e.g. the VAE decoder in stage 1): count at least their sum.
+    resident = params + opt + frozen + batch + _bytes_per_device(state_abs.step, state_sh.step) \
+        + _bytes_per_device(state_abs.rng, state_sh.rng)
     if mem is None:  # only the compiler's message: temporaries alone overflow
-        args = params + opt + frozen
+        args = resident
         temp = _bytes_in(oom) or 0
         out = alias = code = 0
     else:
@@ -187,7 +196,7 @@ def plan(cfg, topo: Topology) -> dict:
         out = int(mem.output_size_in_bytes)
         alias = int(mem.alias_size_in_bytes)
         code = int(getattr(mem, "generated_code_size_in_bytes", 0))
-    total = args + out - alias + temp + code
+    total = max(args, resident) + out - alias + temp + code
     model_flops = task.flops_per_example * b
     return {
         "topology": topo.name,
@@ -205,8 +214,7 @@ def plan(cfg, topo: Topology) -> dict:
             "params_trainable_fp32": params,
             "params_frozen": frozen,
             "optimizer_state": opt,
-            "batch": max(0, args - params - opt - frozen - _bytes_per_device(state_abs.step, state_sh.step)
-                         - _bytes_per_device(state_abs.rng, state_sh.rng)),
+            "batch": batch,
             "temporaries_incl_activations": temp,
             "generated_code": code,
             "total": total,
@@ -219,6 +227,8 @@ def plan(cfg, topo: Topology) -> dict:
         "xla_flops_loop_bodies_once": float(cost.get("flops", 0.0)) * len(devices) if cost else None,
         "model_flops_per_step": model_flops,
         "flops_note": task.flops_note,
+        "lower_s": round(t1 - t0, 1),
+        "compile_s": round(t2 - t1, 1),
     }
 
 

@@ -28,9 +28,32 @@ def fit_spec(spec: P, shape, mesh) -> P:
     return P(*out)
 
 
+def fitted_spec(names, shape, mesh, rules) -> P:
+    """The rules' PartitionSpec for logical `names`, fitted to `shape` as `fit_spec` does, except that
+    a mesh axis a dimension cannot take stays free for a later one: the 3-channel input of a patch
+    conv (`conv_in` → fsdp) leaves fsdp to its `embed` dimension instead of replicating the kernel.
+    A mesh axis is still used at most once per spec."""
+    if names is None:
+        return P()
+    table = dict(rules)
+    used: set = set()
+    out = []
+    for i, dim in enumerate(shape):
+        name = names[i] if i < len(names) else None
+        target = table.get(name) if name is not None else None
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        axes = tuple(a for a in axes if a not in used and a in mesh.axis_names)
+        while axes and dim % math.prod(mesh.shape[a] for a in axes):
+            axes = axes[:-1]
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
 def logical_sharding(names, shape, mesh, rules) -> NamedSharding:
-    spec = logical_to_mesh(tuple(names) if names is not None else None, rules, mesh.axis_names)
-    return NamedSharding(mesh, fit_spec(spec, shape, mesh))
+    return NamedSharding(mesh, fitted_spec(tuple(names) if names is not None else None, shape, mesh, rules))
 
 
 def state_shardings(state, mesh, rules) -> Any:
@@ -107,5 +130,4 @@ def constrain(x, names):
     mesh = jax.sharding.get_abstract_mesh()
     if rules is None or mesh is None or mesh.empty:
         return x
-    spec = fit_spec(logical_to_mesh(tuple(names), rules, mesh.axis_names), x.shape, mesh)
-    return jax.lax.with_sharding_constraint(x, spec)
+    return jax.lax.with_sharding_constraint(x, fitted_spec(tuple(names), x.shape, mesh, rules))
