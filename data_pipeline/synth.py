@@ -58,6 +58,55 @@ GROUND_Y, AIR_Y = 0.74, 0.38
 PLACE_WORDS = ("on the far left", "on the left", "in the middle", "on the right", "on the far right")
 
 
+@dataclasses.dataclass(frozen=True)
+class SynthOptions:
+    """How stories are drawn; the defaults are the generator every test and benchmark uses.
+
+    size_scale: character diameters are SIZES × this (the demo's 32-px frames need bigger ones:
+    at scale 1 a small character is 4 px). faces: the black eyes and mouth, which at a few pixels
+    cover most of a small character and hide its colour. min_chars / max_chars: characters per story.
+    scenes: the scenes stories use (None: all of SCENES); with one, nobody changes scene.
+    away: (min, max) frames a character who leaves stays away before it comes back, named but its
+    look not restated ("Pip comes back from the left."), so painting it again needs a memory of
+    how it looked; None: the default generator (leaving and entering at random, the look told
+    on every entrance)."""
+
+    size_scale: float = 1.0
+    faces: bool = True
+    min_chars: int = 2
+    max_chars: int = 3
+    scenes: Optional[tuple] = None
+    away: Optional[tuple] = None
+
+    def __post_init__(self):
+        if not 0.25 <= self.size_scale <= 3.0:
+            raise ValueError(f"size_scale must be in [0.25, 3], got {self.size_scale}")
+        if not 1 <= self.min_chars <= self.max_chars <= len(NAMES):
+            raise ValueError(f"need 1 <= min_chars <= max_chars <= {len(NAMES)}, got {self.min_chars}, {self.max_chars}")
+        if self.scenes is not None:
+            object.__setattr__(self, "scenes", tuple(self.scenes))
+            bad = [x for x in self.scenes if x not in SCENES]
+            if bad or not self.scenes:
+                raise ValueError(f"scenes must be a non-empty subset of {list(SCENES)}, got {list(self.scenes)}")
+        if self.away is not None:
+            object.__setattr__(self, "away", tuple(int(x) for x in self.away))
+            if len(self.away) != 2 or not 1 <= self.away[0] <= self.away[1]:
+                raise ValueError(f"away must be (min, max) frames with 1 <= min <= max, got {list(self.away)}")
+
+    @property
+    def scene_names(self) -> tuple:
+        return tuple(self.scenes) if self.scenes is not None else tuple(SCENES)
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "SynthOptions":
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"unknown synth option(s) {bad}; known: {sorted(known)}")
+        return cls(**d)
+
+
 @dataclasses.dataclass
 class Character:
     name: str
@@ -68,6 +117,9 @@ class Character:
     size: str = "medium"
     mood: str = "happy"
     present: bool = True
+    scale: float = 1.0  # SynthOptions.size_scale
+    seen: bool = False  # has been on stage (SynthOptions.away: comes back without its look told)
+    back_at: int = -1  # SynthOptions.away: the frame it comes back in
 
     @property
     def rgb(self):
@@ -75,7 +127,7 @@ class Character:
 
     def geometry(self):
         """(cx, cy, r) in [0, 1] image units."""
-        r = SIZES[self.size] / 2
+        r = SIZES[self.size] * self.scale / 2
         cy = (AIR_Y if self.up else GROUND_Y)
         cy = min(cy, 1.0 - r - 0.02)
         return XS[self.slot], cy, r
@@ -91,14 +143,16 @@ def _join(names):
 class _Story:
     """One story's state machine: events change the state, each frame is drawn from the state."""
 
-    def __init__(self, rng: np.random.Generator, n_chars: int):
+    def __init__(self, rng: np.random.Generator, n_chars: int, options: SynthOptions = SynthOptions()):
         idx = rng.permutation(len(NAMES))[:n_chars]
         shapes = rng.permutation(len(SHAPES))[:n_chars]
         colours = rng.permutation(len(COLOURS))[:n_chars]
         cnames = list(COLOURS)
-        self.chars = [Character(NAMES[i], SHAPES[s], cnames[c]) for i, s, c in zip(idx, shapes, colours)]
+        self.options = options
+        self.chars = [Character(NAMES[i], SHAPES[s], cnames[c], scale=options.size_scale)
+                      for i, s, c in zip(idx, shapes, colours)]
         self.rng = rng
-        self.scene = list(SCENES)[rng.integers(len(SCENES))]
+        self.scene = options.scene_names[rng.integers(len(options.scene_names))]
         # The last character may wait off stage and enter later.
         slots = sorted(rng.choice(len(XS), size=n_chars, replace=False).tolist())
         rng.shuffle(slots)
@@ -108,6 +162,9 @@ class _Story:
             c.size = list(SIZES)[rng.integers(len(SIZES))]
         if n_chars > 2 and rng.random() < 0.6:
             self.chars[-1].present = False
+        self.t = 0
+        for c in self.here():
+            c.seen = True
 
     def here(self):
         return [c for c in self.chars if c.present]
@@ -129,24 +186,33 @@ class _Story:
     def step(self) -> str:
         """Apply one or two random events; return the caption."""
         rng = self.rng
+        self.t += 1
+        timed = self.options.away is not None
         here = self.here()
-        away = [c for c in self.chars if not c.present]
+        away = [c for c in self.chars if not c.present and not (timed and c.seen)]
         sentences = []
         # Whoever was in the air lands first: the story tells it.
         for c in here:
             if c.up:
                 c.up = False
                 sentences.append(f"{c.name} lands.")
+        if timed:  # whoever's time away is up comes back first
+            for c in self.chars:
+                if not c.present and c.seen and c.back_at <= self.t:
+                    sentences.append(self._enter(c))
+            here = self.here()
         for _ in range(1 + int(rng.random() < 0.35)):
-            events = ["move", "move", "meet", "jump", "grow", "shrink", "mood", "mood", "scene"]
+            events = ["move", "move", "meet", "jump", "grow", "shrink", "mood", "mood"]
+            if len(self.options.scene_names) > 1:
+                events.append("scene")
             if away:
                 events += ["enter", "enter"]
-            if len(here) > 2:
-                events.append("leave")
+            if len(here) > 2 or (timed and len(here) > 1):
+                events += ["leave"] * (2 if timed else 1)
             ev = events[rng.integers(len(events))]
             sentences.append(self._event(ev))
             here = self.here()
-            away = [c for c in self.chars if not c.present]
+            away = [c for c in self.chars if not c.present and not (timed and c.seen)]
         names = _join(c.name for c in sorted(here, key=lambda c: c.slot))
         sentences.append(f"Now {names} {'is' if len(here) == 1 else 'are'} in the {self.scene}.")
         return " ".join(s for s in sentences if s)
@@ -193,21 +259,33 @@ class _Story:
             c.mood = choices[rng.integers(len(choices))]
             return f"{c.name} becomes {c.mood}."
         if ev == "scene":
-            choices = [s for s in SCENES if s != self.scene]
+            choices = [s for s in self.options.scene_names if s != self.scene]
             self.scene = choices[rng.integers(len(choices))]
             return f"Everyone goes to the {self.scene}."
-        if ev == "enter" and any(not o.present for o in self.chars):
-            away = [o for o in self.chars if not o.present]
-            o = away[rng.integers(len(away))]
-            side = int(rng.integers(2))
-            o.present = True
-            o.up = False
-            o.slot = self._free_slot_near(o, 0 if side == 0 else len(XS) - 1)
-            return f"{o.name}, a {o.colour} {o.shape}, arrives from the {'left' if side == 0 else 'right'}."
-        if ev == "leave" and len(here) > 2:
+        timed = self.options.away is not None
+        if ev == "enter" and any(not o.present and not (timed and o.seen) for o in self.chars):
+            away = [o for o in self.chars if not o.present and not (timed and o.seen)]
+            return self._enter(away[rng.integers(len(away))])
+        if ev == "leave" and ((len(here) > 2 and not timed) or (timed and len(here) > 1 and c.back_at < self.t)):
             c.present = False
+            if timed:
+                c.back_at = self.t + int(rng.integers(self.options.away[0], self.options.away[1] + 1))
             return f"{c.name} says goodbye and leaves."
         return self._event("mood")
+
+    def _enter(self, o: Character) -> str:
+        side = int(self.rng.integers(2))
+        o.present = True
+        o.up = False
+        o.slot = self._free_slot_near(o, 0 if side == 0 else len(XS) - 1)
+        where = "left" if side == 0 else "right"
+        if self.options.away is not None and o.seen:
+            o.back_at = self.t  # (not gone again in the frame it is back)
+            return f"{o.name} comes back from the {where}."
+        if self.options.away is not None:
+            o.back_at = self.t
+        o.seen = True
+        return f"{o.name}, a {o.colour} {o.shape}, arrives from the {where}."
 
 
 # ------------------------------------------------------------------------------------------
@@ -292,7 +370,8 @@ def draw_frame(story: _Story, size: int):
             d.ellipse([px - pr, py - pr, px + pr, py + pr], fill=c.rgb)
         else:
             d.polygon(_polygon(c.shape, px, py, pr), fill=c.rgb)
-        _draw_face(d, c, px, py, pr, size)
+        if story.options.faces:
+            _draw_face(d, c, px, py, pr, size)
         chars.append({
             "name": c.name, "shape": c.shape, "colour": c.colour, "rgb": list(c.rgb),
             "centre": [round(cx, 4), round(cy, 4)],
@@ -304,10 +383,11 @@ def draw_frame(story: _Story, size: int):
     return img, truth
 
 
-def make_story(seed: int, index: int, frames: int, size: int):
-    """Deterministic in (seed, index): (list of PIL images, captions, truths)."""
+def make_story(seed: int, index: int, frames: int, size: int, options: Optional[SynthOptions] = None):
+    """Deterministic in (seed, index, options): (list of PIL images, captions, truths)."""
+    o = options or SynthOptions()
     rng = np.random.default_rng([seed, index])
-    story = _Story(rng, n_chars=int(rng.integers(2, 4)))
+    story = _Story(rng, n_chars=int(rng.integers(o.min_chars, o.max_chars + 1)), options=o)
     images, captions, truths = [], [], []
     for t in range(frames):
         caption = story.intro() if t == 0 else story.step()
@@ -325,8 +405,10 @@ def _png(img) -> bytes:
 
 
 def write_synthetic(out, *, stories: int, frames: int = 10, size: int = 64, seed: int = 0,
-                    val_stories: int = 0, progress: bool = True, overwrite: bool = False) -> dict:
+                    val_stories: int = 0, progress: bool = True, overwrite: bool = False,
+                    options: Optional[SynthOptions] = None) -> dict:
     """Write a synthetic StoryStream-format set to `out` (atomic). Returns a summary."""
+    options = options or SynthOptions()
     if stories < 1 or frames < 2 or size < 16 or val_stories < 0:
         raise ValueError("need stories >= 1, frames >= 2, size >= 16, val_stories >= 0")
     from tqdm.auto import tqdm
@@ -340,7 +422,7 @@ def write_synthetic(out, *, stories: int, frames: int = 10, size: int = 64, seed
         try:
             for i in tqdm(range(total), desc="synth stories", disable=not progress):
                 split = "train" if i < stories else "val"
-                images, captions, truths = make_story(seed, i, frames, size)
+                images, captions, truths = make_story(seed, i, frames, size, options)
                 sdir = tmp / "images" / f"{i:06d}"
                 sdir.mkdir()
                 rels = []
@@ -357,6 +439,8 @@ def write_synthetic(out, *, stories: int, frames: int = 10, size: int = 64, seed
                     f.close()
         summary = {"stories": stories, "val_stories": val_stories, "frames": frames, "size": size, "seed": seed,
                    "images": total * frames}
+        if options != SynthOptions():
+            summary["options"] = dataclasses.asdict(options)
         (tmp / "synth.json").write_text(json.dumps(summary, indent=2))
         # Not *.jsonl: `data build --jsonl OUT` reads every *.jsonl below OUT.
         (tmp / "truth.json").write_text(json.dumps({"size": size, "stories": truth}))

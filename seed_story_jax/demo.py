@@ -67,6 +67,8 @@ class EvalSettings:
     table_stories: int = 2
     policies: tuple[str, ...] = ("dense", "sink", "window", "multimodal-sink")
     enabled: bool = True
+    # generator options of the long stories over the training set's (SynthOptions fields)
+    table_synth: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +81,9 @@ class DemoSettings:
     size: int = 32
     seed: int = 0
     tokenizer_vocab: int = 400
-    vae: dict = dataclasses.field(default_factory=lambda: {"steps": 200, "lr": 2e-3, "kl": 1e-4, "batch_size": 16})
+    synth: dict = dataclasses.field(default_factory=dict)  # data_pipeline.synth.SynthOptions fields
+    vae: dict = dataclasses.field(default_factory=lambda: {"steps": 200, "lr": 2e-3, "kl": 1e-4, "batch_size": 16,
+                                                           "loss": "mse"})
     stages: dict = dataclasses.field(default_factory=dict)  # {1: {train overrides}, 2: ..., 3: ...}
     story: StorySettings = StorySettings()
     eval: EvalSettings = EvalSettings()
@@ -99,8 +103,20 @@ class DemoSettings:
         if unknown:
             raise ConfigError(f"demo.vae: unknown key(s) {unknown}; known: {sorted(cls().vae)}")
         vae = {**cls().vae, **vae_over}
+        if vae["loss"] not in ("mse", "l1"):
+            raise ConfigError(f"demo.vae.loss must be mse or l1, got {vae['loss']!r}")
+        synth = dict(tree.pop("synth", None) or {})
+        ev_tree = dict(tree.pop("eval", None) or {})
+        table_synth = dict(ev_tree.pop("table_synth", None) or {})
+        from data_pipeline.synth import SynthOptions
+
+        for where, opts in (("demo.synth", synth), ("demo.eval.table_synth", {**synth, **table_synth})):
+            try:
+                SynthOptions.from_dict(opts)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{where}: {e}") from None
         story = from_dict(StorySettings, tree.pop("story", None) or {}, "demo.story")
-        ev = from_dict(EvalSettings, tree.pop("eval", None) or {}, "demo.eval")
+        ev = dataclasses.replace(from_dict(EvalSettings, ev_tree, "demo.eval"), table_synth=table_synth)
         from seed_story_jax.evaluate import POLICIES
 
         for p in (story.policy,) + tuple(ev.policies):
@@ -109,7 +125,7 @@ class DemoSettings:
         if story.frames < 2:
             raise ConfigError(f"demo.story.frames must be >= 2, got {story.frames}")
         base = from_dict(_Scalars, tree, "demo")
-        return cls(**dataclasses.asdict(base), vae=vae, stages=stages, story=story, eval=ev)
+        return cls(**dataclasses.asdict(base), synth=synth, vae=vae, stages=stages, story=story, eval=ev)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,12 +247,13 @@ class Demo:
 
     # ---- 1-3: data -----------------------------------------------------------------------------
     def synth(self) -> None:
-        from data_pipeline.synth import write_synthetic
+        from data_pipeline.synth import SynthOptions, write_synthetic
 
         s = self.dc.settings
         if not (self.path("data") / "synth.json").is_file():
             write_synthetic(self.path("data"), stories=s.stories, val_stories=s.val_stories, frames=s.frames,
-                            size=s.size, seed=s.seed, progress=self.progress, overwrite=True)
+                            size=s.size, seed=s.seed, progress=self.progress, overwrite=True,
+                            options=SynthOptions.from_dict(s.synth))
 
     def captions(self, split: str = "train") -> list[list[str]]:
         lines = (self.path("data") / f"{split}.jsonl").read_text().splitlines()
@@ -345,11 +362,14 @@ class Demo:
 
         ev = self.dc.settings.eval
         opts = E.EvalOptions(split="val", stories=ev.stories, story_frames=ev.frames, table_frames=ev.table_frames,
-                             table_stories=ev.table_stories, policies=ev.policies, seed=self.dc.settings.seed + 10_000)
+                             table_stories=ev.table_stories, policies=ev.policies, seed=self.dc.settings.seed + 10_000,
+                             table_synth=ev.table_synth)
         reports = {}
-        for name, ckpt in (("trained", self.model), ("random_init", self.path("random"))):
+        # The cache-policy table is about the trained model; the random one only needs the metrics.
+        for name, ckpt, o in (("trained", self.model, opts),
+                              ("random_init", self.path("random"), dataclasses.replace(opts, table_frames=()))):
             self.log(f"evaluating the {name.replace('_', ' ')} model")
-            reports[name] = E.evaluate(ckpt, self.path("data"), opts, progress=self.progress)
+            reports[name] = E.evaluate(ckpt, self.path("data"), o, progress=self.progress)
         E.write_report(reports, self.out / "eval.json")
         self.eval_reports = reports
 
@@ -510,6 +530,7 @@ def train_vae(demo: Demo, src: Path, dst: Path) -> None:
                                   np.float32) for r in rels])
     v = demo.dc.settings.vae
     kl_w = float(v["kl"])
+    l1_loss = v["loss"] == "l1"  # SD's VAE reconstruction term: flat colour regions come out sharper
     vcfg = cfg0.vae
 
     def loss_fn(model, batch, rng):
@@ -518,8 +539,9 @@ def train_vae(demo: Demo, src: Path, dst: Path) -> None:
         z = post.sample(rng)
         rec = model.vae.decode(z)
         mse = jnp.mean((rec - x) ** 2)
+        l1 = jnp.mean(jnp.abs(rec - x))
         kl = 0.5 * jnp.mean(jnp.sum(post.mean ** 2 + jnp.exp(post.logvar) - 1.0 - post.logvar, axis=-1))
-        return mse + kl_w * kl, {"mse": mse, "kl": kl}
+        return (l1 if l1_loss else mse) + kl_w * kl, {"mse": mse, "l1": l1, "kl": kl}
 
     task = Task(name="vae", build=zero_init(lambda rngs: Bundle(vae=V.build(vcfg, rngs))),
                 trainable=lambda p: str(p[0]) == "vae", loss_fn=loss_fn, examples=_Frames(frames))

@@ -36,6 +36,9 @@ import numpy as np
 
 POLICIES = ("dense", "sink", "window", "multimodal-sink")
 TABLE2_FRAMES = (10, 25, 50)
+# Character crops count for consistency only in pairs whose true centres are this far apart (image
+# widths; the generator's slots are 0.175 apart): see `consistency`.
+CHAR_MIN_DISTANCE = 0.15
 
 
 # ==============================================================================================
@@ -72,12 +75,19 @@ def pooled(features) -> np.ndarray:
     return f.mean(axis=1) if f.ndim == 3 else f
 
 
-def consistency(vectors, groups: Sequence) -> dict:
+def consistency(vectors, groups: Sequence, positions=None, min_distance: float = 0.0,
+                strata: Optional[Sequence] = None) -> dict:
     """Mean pairwise cosine within groups and across groups, and their difference (the margin).
 
     vectors (N, D); groups: N hashable labels (a story, or a (story, character) pair). Pairs are
-    unordered and never an item with itself. A group of one contributes no within pair; with no
-    pair of a kind its mean is NaN (and so is the margin)."""
+    unordered and never an item with itself. Character consistency needs two restrictions, or a
+    painter that paints one picture for every frame of a story wins: with `positions` (N, 2) only
+    pairs at least `min_distance` apart count (crops are cut at each character's true box and a
+    character mostly stays put: the same region cut twice is trivially alike); with `strata` (N
+    labels, e.g. the story) an across pair counts only inside one stratum (two characters of the
+    same story: the story's scene is common to both sides, only the characters differ).
+    A group of one contributes no within pair; with no pair of a kind its mean is NaN (and so is
+    the margin)."""
     v = np.asarray(vectors, np.float64)
     if v.ndim != 2 or len(v) != len(groups):
         raise ValueError(f"need (N, D) vectors and N groups, got {v.shape} and {len(groups)}")
@@ -88,7 +98,19 @@ def consistency(vectors, groups: Sequence) -> dict:
     labels = np.array([ids.setdefault(g, len(ids)) for g in groups])
     same = labels[:, None] == labels[None, :]
     upper = np.triu(np.ones((n, n), bool), k=1)
-    w, a = sim[same & upper], sim[~same & upper]
+    if positions is not None:
+        p = np.asarray(positions, np.float64)
+        if p.shape != (n, 2):
+            raise ValueError(f"positions must be ({n}, 2), got {p.shape}")
+        upper &= np.linalg.norm(p[:, None] - p[None, :], axis=-1) >= min_distance
+    across = ~same
+    if strata is not None:
+        if len(strata) != n:
+            raise ValueError(f"need {n} strata, got {len(strata)}")
+        sid: dict = {}
+        st = np.array([sid.setdefault(x, len(sid)) for x in strata])
+        across &= st[:, None] == st[None, :]
+    w, a = sim[same & upper], sim[across & upper]
     within = float(w.mean()) if w.size else math.nan
     across = float(a.mean()) if a.size else math.nan
     return {"within": within, "across": across, "margin": within - across, "pairs_within": int(w.size),
@@ -240,14 +262,26 @@ def _stories_from_dataset(root: Path, source, limit) -> list[EvalStory]:
     return out
 
 
-def long_synthetic_stories(n: int, frames: int, size: int, seed: int) -> list[EvalStory]:
-    """`n` synthetic stories of `frames` frames drawn in memory (for the long-story table): same
-    generator as `seed-story data synth`, a seed the training set did not use."""
-    from data_pipeline.synth import make_story
+def synth_options(data) -> Optional[dict]:
+    """The generator options a synthetic set was drawn with (its synth.json), or None."""
+    for d in (Path(data), Path(data).parent, Path(data).parent.parent):
+        if (d / "synth.json").is_file():
+            p = d / "synth.json"
+            break
+    else:
+        return None
+    return json.loads(p.read_text()).get("options", {})
 
+
+def long_synthetic_stories(n: int, frames: int, size: int, seed: int, options: Optional[dict] = None) -> list[EvalStory]:
+    """`n` synthetic stories of `frames` frames drawn in memory (for the long-story table): same
+    generator (and options) as `seed-story data synth`, a seed the training set did not use."""
+    from data_pipeline.synth import SynthOptions, make_story
+
+    opts = SynthOptions.from_dict(options)
     out = []
     for i in range(n):
-        images, captions, truths = make_story(seed, i, frames, size)
+        images, captions, truths = make_story(seed, i, frames, size, opts)
         out.append(EvalStory(f"long/{seed}/{i}", captions, images, truths))
     return out
 
@@ -487,7 +521,7 @@ def generated_metrics(models: Models, stories: Sequence[EvalStory], outputs: Seq
     """Feature cosine against the true frames, character accuracy, style and character consistency
     of generated stories (frames 1 .. F−1 of each; frame 0 is given)."""
     preds, trues, tails, frames_all, truths_all = [], [], [], [], []
-    style_v, style_g, char_v, char_g = [], [], [], []
+    style_v, style_g, char_v, char_g, char_p = [], [], [], [], []
     for st, out in zip(stories, outputs):
         f = len(out.features) + 1
         tf = models.judge.features(st.images[1:f])
@@ -503,10 +537,11 @@ def generated_metrics(models: Models, stories: Sequence[EvalStory], outputs: Seq
         if st.truths is not None:
             frames_all += list(out.frames)
             truths_all += st.truths[1:f]
-            crops, groups = _character_crops(out.frames, st.truths[1:f], st.key)
+            crops, groups, pos = _character_crops(out.frames, st.truths[1:f], st.key)
             if crops:
                 char_v.append(pooled(models.judge.features(crops)))
                 char_g += groups
+                char_p += pos
     report = _cosines(preds, trues)
     if tails:  # centred on the whole set's means, like the rest
         means = (np.mean(np.asarray(preds, np.float64), axis=0), np.mean(np.asarray(trues, np.float64), axis=0))
@@ -516,27 +551,41 @@ def generated_metrics(models: Models, stories: Sequence[EvalStory], outputs: Seq
     if style_v:
         report["style_consistency"] = consistency(np.concatenate(style_v), style_g)
     if char_v:
-        report["character_consistency"] = consistency(np.concatenate(char_v), char_g)
+        report["character_consistency"] = consistency(np.concatenate(char_v), char_g, char_p, CHAR_MIN_DISTANCE,
+                                                      strata=[g[0] for g in char_g])
     if truths_all:
         report["characters"] = character_scores(frames_all, truths_all)
+        report["characters"]["chance_accuracy"] = chance_accuracy(frames_all, truths_all)
     secs = [o.seconds for o in outputs]
     report["seconds"] = float(np.sum(secs))
     report["peak_bytes"] = float(np.nanmax([o.peak_bytes for o in outputs])) if outputs else math.nan
     return report
 
 
-def _character_crops(frames, truths, key) -> tuple[list, list]:
-    crops, groups = [], []
+def _character_crops(frames, truths, key) -> tuple[list, list, list]:
+    crops, groups, pos = [], [], []
     for img, tr in zip(frames, truths):
         for c in tr["characters"]:
             crops.append(crop_box(img, c["bbox"]))
             groups.append((key, c["name"]))
-    return crops, groups
+            pos.append(c["centre"])
+    return crops, groups, pos
+
+
+def chance_accuracy(frames: Sequence, truths: Sequence[dict]) -> float:
+    """Character accuracy of the frames against the truths of *other* frames (shifted by half the
+    set, so mostly another story's): what a painter gets from its prior alone — the same blobs in
+    the usual places — without following the story. Accuracy above it is earned."""
+    n = len(truths)
+    if n < 2:
+        return math.nan
+    shift = n // 2
+    return character_scores(frames, [truths[(i + shift) % n] for i in range(n)])["character_accuracy"]
 
 
 def reference_metrics(models: Models, stories: Sequence[EvalStory], frames: int) -> dict:
     """The same consistency and character scores on the true frames: what a perfect painter gets."""
-    style_v, style_g, char_v, char_g, imgs, truths = [], [], [], [], [], []
+    style_v, style_g, char_v, char_g, char_p, imgs, truths = [], [], [], [], [], [], []
     for st in stories:
         fr = st.images[1:frames]
         style_v.append(pooled(models.judge.features(fr)))
@@ -544,13 +593,16 @@ def reference_metrics(models: Models, stories: Sequence[EvalStory], frames: int)
         if st.truths is not None:
             imgs += fr
             truths += st.truths[1:frames]
-            crops, groups = _character_crops(fr, st.truths[1:frames], st.key)
+            crops, groups, pos = _character_crops(fr, st.truths[1:frames], st.key)
             char_v.append(pooled(models.judge.features(crops)))
             char_g += groups
+            char_p += pos
     out = {"style_consistency": consistency(np.concatenate(style_v), style_g)}
     if char_v:
-        out["character_consistency"] = consistency(np.concatenate(char_v), char_g)
+        out["character_consistency"] = consistency(np.concatenate(char_v), char_g, char_p, CHAR_MIN_DISTANCE,
+                                                   strata=[g[0] for g in char_g])
         out["characters"] = character_scores(imgs, truths)
+        out["characters"]["chance_accuracy"] = chance_accuracy(imgs, truths)
     return out
 
 
@@ -570,6 +622,8 @@ class EvalOptions:
     table_render: bool = False  # paint Table-2 frames too (character scores; slower)
     policy: str = "multimodal-sink"  # cache policy of the held-out generated stories
     seed: int = 1234  # long synthetic stories: a seed the training set did not use
+    table_synth: Optional[dict] = None  # generator options for the long stories, over the held-out set's
+    reference_policy: str = "multimodal-sink"  # the long-story table's paired differences are against it
     batch_size: int = 8
     skip_generation: bool = False  # teacher-forced metrics only (no story loop)
 
@@ -591,7 +645,7 @@ def evaluate(models: Models | str | Path, data, options: EvalOptions = EvalOptio
                                **generated_metrics(models, stories, outs)}
         report["reference"] = reference_metrics(models, stories, frames)
         if options.table_frames and options.policies:
-            report["table2"] = table2(models, runner, options, size=_story_size(stories))
+            report["table2"] = table2(models, runner, options, size=_story_size(stories), synth=synth_options(data))
     report["seconds"] = time.perf_counter() - t0
     return report
 
@@ -600,11 +654,21 @@ def _story_size(stories) -> int:
     return int(stories[0].images[0].size[0])
 
 
-def table2(models: Models, runner: StoryRunner, options: EvalOptions, *, size: int) -> list[dict]:
-    """Rows (policy, frames) over long synthetic stories: quality, seconds, peak memory."""
+def table2(models: Models, runner: StoryRunner, options: EvalOptions, *, size: int,
+           synth: Optional[dict] = None) -> list[dict]:
+    """Rows (policy, frames) over long synthetic stories: quality, seconds, peak memory.
+
+    The stories are drawn like the held-out set (`synth`: its generator options) with
+    `options.table_synth` laid over (e.g. characters who leave for longer than the cache window
+    and come back unnamed-look). Besides all frames and the last fifth, the feature cosine is
+    reported on the *return frames* — frames where a character is back after being away — as the
+    mean over stories ± its standard error, and, for every policy, the per-story difference from
+    `options.reference_policy` on the same frames (mean ± stderr: a paired comparison)."""
     longest = max(options.table_frames)
-    stories = long_synthetic_stories(options.table_stories, longest, size, options.seed)
-    rows = []
+    stories = long_synthetic_stories(options.table_stories, longest, size, options.seed,
+                                     {**(synth or {}), **dict(options.table_synth or {})})
+    truth_feats = {st.key: models.judge.features(st.images[1:]) for st in stories}
+    rows, per_story = [], {}
     for frames in options.table_frames:
         for policy in options.policies:
             cut = [_truncate(st, frames) for st in stories]
@@ -615,8 +679,67 @@ def table2(models: Models, runner: StoryRunner, options: EvalOptions, *, size: i
                                         "last_frames_feature_cosine_centred") if k in m}}
             if "characters" in m:
                 row["character_accuracy"] = m["characters"]["character_accuracy"]
+            ret = return_frame_cosines(cut, outs, [truth_feats[st.key][:frames - 1] for st in cut])
+            per_story[(frames, policy)] = ret
+            for name, vals in ret.items():
+                row.update(_mean_stderr(f"return_frames_{name}", [v for v in vals if v is not None]))
+            row["return_frames"] = int(sum(len(return_frames(st.truths)) for st in cut if st.truths))
             rows.append(row)
+    ref = options.reference_policy
+    for row in rows:
+        base = per_story.get((row["frames"], ref))
+        if base is None or row["policy"] == ref:
+            continue
+        mine = per_story[(row["frames"], row["policy"])]
+        for name in mine:
+            diffs = [b - a for a, b in zip(mine[name], base[name]) if a is not None and b is not None]
+            row.update(_mean_stderr(f"return_frames_{name}_{_slug(ref)}_minus_this", diffs))
     return rows
+
+
+def return_frames(truths: Sequence[dict]) -> list[int]:
+    """Indices of the frames in which some character is back on stage after being away: present
+    in an earlier frame, absent from the one before."""
+    seen, prev, out = set(), set(), []
+    for t, tr in enumerate(truths):
+        names = {c["name"] for c in tr["characters"]}
+        if t > 0 and any(n in seen and n not in prev for n in names):
+            out.append(t)
+        seen |= names
+        prev = names
+    return out
+
+
+def return_frame_cosines(stories: Sequence[EvalStory], outputs: Sequence[GeneratedStory],
+                         truth_features: Sequence[np.ndarray]) -> dict[str, list]:
+    """Per story: mean feature cosine (raw, and centred on the run's means over all frames) of the
+    regressed features on its return frames; None for a story without one."""
+    preds = np.concatenate([np.asarray(o.features, np.float64) for o in outputs])
+    trues = np.concatenate([np.asarray(t, np.float64) for t in truth_features])
+    pm, tm = preds.mean(axis=0), trues.mean(axis=0)
+    raw, centred = [], []
+    for st, out, tf in zip(stories, outputs, truth_features):
+        idx = [t - 1 for t in return_frames(st.truths or [])]  # frame t is output t − 1
+        if not idx:
+            raw.append(None)
+            centred.append(None)
+            continue
+        p, t = np.asarray(out.features, np.float64)[idx], np.asarray(tf, np.float64)[idx]
+        raw.append(feature_cosine(p, t))
+        centred.append(feature_cosine(p - pm, t - tm))
+    return {"feature_cosine": raw, "feature_cosine_centred": centred}
+
+
+def _mean_stderr(name: str, xs) -> dict:
+    xs = np.asarray(list(xs), np.float64)
+    if not xs.size:
+        return {name: math.nan, f"{name}_stderr": math.nan, f"{name}_n": 0}
+    se = float(xs.std(ddof=1) / math.sqrt(xs.size)) if xs.size > 1 else math.nan
+    return {name: float(xs.mean()), f"{name}_stderr": se, f"{name}_n": int(xs.size)}
+
+
+def _slug(policy: str) -> str:
+    return policy.replace("-", "_")
 
 
 def _truncate(st: EvalStory, frames: int) -> EvalStory:
@@ -701,7 +824,24 @@ def summary_lines(report: dict, baseline: Optional[dict] = None) -> list[str]:
                          f"{_f(r.get('feature_cosine_centred')):>7} {_f(r.get('last_frames_feature_cosine')):>6} "
                          f"{_f(r.get('last_frames_feature_cosine_centred')):>7} {_f(r.get('character_accuracy')):>8} "
                          f"{_f(r['seconds'], 1):>8} {_f(mb, 2):>6}")
+        rows = [r for r in report["table2"] if r.get("return_frames_feature_cosine_n")]
+        if rows:
+            ref = next((r["policy"] for r in rows if not any(k.endswith("_minus_this") for k in r)), "reference")
+            lines.append("")
+            lines.append(f"return frames (a character back after being away; mean over stories ± stderr; "
+                         f"Δ: {ref} − this, paired by story):")
+            lines.append(f"{'frames':>6}  {'policy':<16} {'cos':>15} {'centred':>15} {'Δ centred':>15} {'stories':>7}")
+            for r in rows:
+                d = next((k for k in r if k.startswith("return_frames_feature_cosine_centred_")
+                          and k.endswith("_minus_this")), None)
+                lines.append(f"{r['frames']:>6}  {r['policy']:<16} {_pm(r, 'return_frames_feature_cosine'):>15} "
+                             f"{_pm(r, 'return_frames_feature_cosine_centred'):>15} "
+                             f"{(_pm(r, d) if d else '—'):>15} {r['return_frames_feature_cosine_n']:>7}")
     return lines
+
+
+def _pm(row: dict, key: str, nd: int = 3) -> str:
+    return f"{_f(row.get(key), nd)} ± {_f(row.get(key + '_stderr'), nd)}"
 
 
 def flat_metrics(report: Optional[dict]) -> dict[str, tuple[Optional[float], bool]]:
@@ -724,6 +864,9 @@ def flat_metrics(report: Optional[dict]) -> dict[str, tuple[Optional[float], boo
             out["character consistency margin"] = (g["character_consistency"]["margin"], True)
         if "characters" in g:
             out["character accuracy"] = (g["characters"]["character_accuracy"], True)
+            ch = g["characters"].get("chance_accuracy")
+            if ch is not None and not math.isnan(ch):
+                out["  above chance (other frames' truth)"] = (g["characters"]["character_accuracy"] - ch, True)
             out["frames exactly right"] = (g["characters"]["frame_exact"], True)
     return out
 

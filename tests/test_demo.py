@@ -46,6 +46,14 @@ def test_demo_config_and_overrides():
     assert small.settings.eval.policies == ("sink", "multimodal-sink")
     assert small.fingerprint != dc.fingerprint  # a different config never reuses the cached model
     assert D.load_demo_config(overrides=SMALL).fingerprint == small.fingerprint
+    # the demo draws its own story world (bigger faceless characters, timed returns); the long-story
+    # table draws longer absences over it
+    from data_pipeline.synth import SynthOptions
+
+    o = SynthOptions.from_dict(s.synth)
+    assert o != SynthOptions() and o.away is not None
+    long = SynthOptions.from_dict({**s.synth, **s.eval.table_synth})
+    assert long.away[0] > dc.config().cache.window_images >= o.away[1]
 
 
 def test_demo_config_errors():
@@ -61,6 +69,12 @@ def test_demo_config_errors():
         D.load_demo_config(overrides=["demo.vae.stepz=1"])
     with pytest.raises(ConfigError, match="llm"):
         D.load_demo_config(overrides=["llm.num_layers=zero"])
+    with pytest.raises(ConfigError, match="demo.synth"):
+        D.load_demo_config(overrides=["demo.synth.size_scale=9.0"])
+    with pytest.raises(ConfigError, match="demo.eval.table_synth"):
+        D.load_demo_config(overrides=["demo.eval.table_synth.away=[3,1]"])
+    with pytest.raises(ConfigError, match="demo.vae.loss"):
+        D.load_demo_config(overrides=["demo.vae.loss=l3"])
 
 
 def test_merge_params_lays_a_subtree_over_a_checkpoint_tree():

@@ -76,6 +76,102 @@ def test_consistency_rewards_groups_not_sameness():
         E.consistency(centres, [0, 1])
 
 
+def test_character_consistency_separates_painters():
+    """Crops at the characters' true boxes of the true frames and of frames that ignore the story
+    (each story's first frame painted again and again). Over all pairs the story-blind painter gets
+    a large margin (the same region cut twice; its story's scene on every crop); counted only
+    between crops at different places, across pairs inside one story, it gets none, and the true
+    frames keep a clear margin. Vectors: a stand-in judge (4x4 colour layout), centred."""
+    from PIL import Image
+
+    def crops_of(frames, truths, key):
+        crops, groups, pos = E._character_crops(frames, truths, key)
+        # a stand-in judge: the crop's mean colour and a coarse 4x4 colour layout
+        vecs = [np.asarray(Image.fromarray(np.asarray(c)).resize((4, 4))).reshape(-1) / 255.0 for c in crops]
+        return vecs, groups, pos
+
+    true_v, blind_v, groups, pos = [], [], [], []
+    o = synth.SynthOptions(size_scale=1.5, faces=False)
+    for i in range(6):
+        images, _, truths = synth.make_story(11, i, 10, 64, o)
+        v, g, p = crops_of(images, truths, i)
+        b, _, _ = crops_of([images[0]] * len(images), truths, i)
+        true_v += v
+        blind_v += b
+        groups += g
+        pos += p
+    true_v, blind_v = np.array(true_v), np.array(blind_v)
+    true_v, blind_v = true_v - true_v.mean(0), blind_v - blind_v.mean(0)
+    stories = [g[0] for g in groups]
+    good = E.consistency(true_v, groups, pos, E.CHAR_MIN_DISTANCE, strata=stories)
+    blind = E.consistency(blind_v, groups, pos, E.CHAR_MIN_DISTANCE, strata=stories)
+    blind_all = E.consistency(blind_v, groups)
+    assert good["pairs_within"] >= 100 and good["pairs_across"] >= 100
+    assert good["pairs_within"] == blind["pairs_within"] < blind_all["pairs_within"]
+    assert blind_all["margin"] > 0.3  # the bias: a painter that ignores the story "wins"
+    assert good["margin"] > 0.1 and abs(blind["margin"]) < 0.25 * good["margin"]
+    with pytest.raises(ValueError, match="positions"):
+        E.consistency(true_v, groups, pos[:-1], 0.1)
+    with pytest.raises(ValueError, match="strata"):
+        E.consistency(true_v, groups, strata=stories[:-1])
+
+
+def test_chance_accuracy_is_the_prior():
+    """Frames scored against other frames' truth: the true frames of a story world score low, a
+    painter that paints the same picture everywhere scores its accuracy there as well."""
+    images, truths = [], []
+    for i in range(4):
+        im, _, tr = synth.make_story(4, i, 5, 64, synth.SynthOptions(size_scale=1.5, faces=False))
+        images += im
+        truths += tr
+    assert E.character_scores(images, truths)["character_accuracy"] == 1.0
+    assert E.chance_accuracy(images, truths) < 0.5
+    same = [images[0]] * len(images)
+    assert E.chance_accuracy(same, truths) == pytest.approx(E.character_scores(same, truths)["character_accuracy"],
+                                                            abs=0.15)
+    assert math.isnan(E.chance_accuracy(images[:1], truths[:1]))
+
+
+def test_return_frames_and_the_paired_table():
+    """return_frames finds the frames where someone is back; table2 reports return-frame cosines per
+    policy as mean ± stderr over stories and the paired difference from the reference policy."""
+    def tr(*names):
+        return {"characters": [{"name": n} for n in names]}
+
+    assert E.return_frames([tr("A", "B"), tr("A"), tr("A"), tr("A", "B"), tr("A", "B", "C"), tr("C")]) == [3]
+    assert E.return_frames([tr("A"), tr("B"), tr("A", "B")]) == [2]
+
+    class Judge:
+        def features(self, images):
+            return np.stack([np.asarray(im.resize((4, 4)), np.float64).reshape(16, 3) / 255.0 for im in images])
+
+    class FakeModels:
+        judge = Judge()
+        cfg = None
+
+    rng = np.random.default_rng(0)
+
+    def runner(stories, policy, frames, *, render=False):
+        outs = []
+        for st in stories:
+            true = Judge().features(st.images[1:frames])
+            noise = {"good": 0.05, "bad": 0.5}[policy] * rng.standard_normal(true.shape)
+            outs.append(E.GeneratedStory(frames=None, features=true + noise, seconds=1.0, peak_bytes=1.0))
+        return outs
+
+    opts = E.EvalOptions(table_frames=(30,), table_stories=6, policies=("bad", "good"), seed=3,
+                         table_synth={"away": [3, 4], "min_chars": 3}, reference_policy="good")
+    rows = E.table2(FakeModels(), runner, opts, size=32)
+    bad, good = rows
+    assert good["return_frames_feature_cosine_n"] >= 4 and bad["return_frames"] == good["return_frames"] > 0
+    assert good["return_frames_feature_cosine"] > bad["return_frames_feature_cosine"]
+    d = bad["return_frames_feature_cosine_centred_good_minus_this"]
+    se = bad["return_frames_feature_cosine_centred_good_minus_this_stderr"]
+    assert d > 3 * se > 0
+    assert not any(k.endswith("_minus_this") for k in good)
+    assert any("return frames" in line for line in E.summary_lines({"table2": rows}))
+
+
 def _frames(seed=3, frames=6, size=64):
     images, captions, truths = synth.make_story(seed, 0, frames, size)
     return images, captions, truths
