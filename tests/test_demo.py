@@ -140,7 +140,9 @@ def test_small_demo_end_to_end_and_cached(tmp_path):
     for name in ("trained", "random_init"):
         r = report[name]
         assert r["teacher_forced"]["samples"] > 0 and r["teacher_forced"]["text_ce"] > 0
-        assert {row["policy"] for row in r["table2"]} == {"sink", "multimodal-sink"}
+        # the cache-policy table is the trained model's (the random one only needs the metrics)
+        assert ({row["policy"] for row in r["table2"]} == {"sink", "multimodal-sink"}) if name == "trained" \
+            else "table2" not in r
         assert r["generated"]["frames"] == 3
     last = json.loads((out / "work" / "last_run.json").read_text())
     assert not last["cached_model"] and {"stage1", "stage2", "stage3", "vae"} <= set(last["timings_s"])
