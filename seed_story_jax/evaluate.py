@@ -674,7 +674,8 @@ def table2(models: Models, runner: StoryRunner, options: EvalOptions, *, size: i
             cut = [_truncate(st, frames) for st in stories]
             outs = runner(cut, policy, frames, render=options.table_render)
             m = generated_metrics(models, cut, outs)
-            row = {"policy": policy, "frames": frames, "seconds": m["seconds"], "peak_bytes": m["peak_bytes"],
+            row = {"policy": policy, "frames": frames, "seconds": m["seconds"] / max(1, len(cut)),
+                   "seconds_total": m["seconds"], "peak_bytes": m["peak_bytes"],
                    **{k: m[k] for k in ("feature_cosine", "feature_cosine_centred", "last_frames_feature_cosine",
                                         "last_frames_feature_cosine_centred") if k in m}}
             if "characters" in m:
