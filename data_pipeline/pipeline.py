@@ -39,7 +39,7 @@ import grain.python as grain
 import numpy as np
 
 from data_pipeline.builder import StorySource
-from data_pipeline.samples import build_sample
+from data_pipeline.samples import build_sample, build_view_sample
 from seed_story_jax.errors import DataError
 
 
@@ -90,7 +90,22 @@ class MakeSample(grain.RandomMapTransform):
 
     def __init__(self, tokenizer, *, stage: int, max_length: int, num_img_tokens: int, max_images: int,
                  image_size: int, sd_size: int, quirky_time_ids: bool = False,
-                 transforms: Optional[Transforms] = None, too_long: str = "drop"):
+                 transforms: Optional[Transforms] = None, too_long: str = "drop", cache_views: float = 0.0,
+                 cache=None):
+        if not 0.0 <= cache_views <= 1.0:
+            raise ValueError(f"data.cache_views must be in [0, 1], got {cache_views}")
+        if cache_views and cache is None:
+            raise ValueError("data.cache_views needs the story cache's config (cache:)")
+        # (policy, capacity) of the cache a `cache_views` share of stage-2/3 samples is seen through
+        self.view = None
+        if cache_views:
+            from seed_story_jax.cache import CachePolicy
+
+            if cache.policy not in ("sink", "multimodal-sink"):
+                raise ValueError(f"data.cache_views needs a sink or multimodal-sink cache, got cache.policy "
+                                 f"{cache.policy!r}")
+            self.view = (CachePolicy.from_config(cache), cache.capacity)
+        self.cache_views = cache_views
         if too_long not in ("drop", "shorter"):
             raise ValueError(f"too_long must be 'drop' or 'shorter', got {too_long!r}")
         self.too_long = too_long
@@ -125,6 +140,8 @@ class MakeSample(grain.RandomMapTransform):
             sd, time_ids = self.transforms.sd(img)
             return {"image": self.transforms.vit(img), "sd_image": sd, "time_ids": time_ids,
                     "record_index": np.int64(record["index"]), "frame": np.int32(f)}
+        if self.view is not None and rng.random() < self.cache_views:
+            return self._view_sample(record, rng)
         g = int(rng.integers(0, n - 1))  # randint(0, n-2) inclusive, as the original
         s = build_sample(record["captions"][:n], g, self.tokenizer, num_img_tokens=self.num_img_tokens,
                          max_length=self.max_length)
@@ -137,26 +154,41 @@ class MakeSample(grain.RandomMapTransform):
                 raise DataError(f"record {record['key']}: even 2 images and captions need >= max_length "
                                 f"({self.max_length}) tokens")
             return None  # too long: dropped before any image is decoded
-        used = [decode_image(b) for b in record["images"][:g + 2]]
+        return self._arrays(record, s, g)
+
+    def _view_sample(self, record: dict, rng: np.random.Generator) -> dict:
+        """A target anywhere in the whole record (not only its first max_images frames), seen
+        through the story cache (`samples.build_view_sample`)."""
+        g = int(rng.integers(0, len(record["captions"]) - 1))
+        try:
+            s = build_view_sample(record["captions"], g, self.tokenizer, *self.view, num_img_tokens=self.num_img_tokens,
+                                  max_length=self.max_length, max_images=self.max_images)
+        except DataError as e:
+            raise DataError(f"record {record['key']}: {e}") from None
+        return self._arrays(record, s, g)
+
+    def _arrays(self, record: dict, s, g: int) -> dict:
+        k = len(s.image_ids)  # input images, then the target
+        used = [decode_image(record["images"][i]) for i in s.image_ids]
         first = self.transforms.vit(used[0])
         images = np.zeros((self.max_images,) + first.shape, first.dtype)
         images[0] = first
         for i, img in enumerate(used[1:], start=1):
             images[i] = self.transforms.vit(img)
         valid = np.zeros(self.max_images, bool)
-        valid[:g + 2] = True
+        valid[:k] = True
         cmp = np.zeros(self.max_images, bool)
-        cmp[:g + 1] = True
+        cmp[:k - 1] = True
         gen = np.zeros(self.max_images, bool)
-        gen[g + 1] = True
+        gen[k - 1] = True
         out = {
             "input_ids": s.input_ids, "attention_mask": s.attention_mask, "labels": s.labels,
             "ids_cmp_mask": s.ids_cmp_mask, "ids_gen_mask": s.ids_gen_mask,
             "images": images, "image_valid": valid, "embeds_cmp_mask": cmp, "embeds_gen_mask": gen,
-            "num_images": np.int32(g + 2), "g": np.int32(g), "record_index": np.int64(record["index"]),
+            "num_images": np.int32(k), "g": np.int32(g), "record_index": np.int64(record["index"]),
         }
         if self.stage == 3:
-            out["sd_image"], out["time_ids"] = self.transforms.sd(used[g + 1])
+            out["sd_image"], out["time_ids"] = self.transforms.sd(used[-1])
         return out
 
 
@@ -174,7 +206,7 @@ class LoaderOptions:
     drop_remainder_shard: bool = True  # finite epochs: every process gets len // count positions
 
 
-def make_loader(data_cfg, tokenizer, *, path=None, split: Optional[str] = None,
+def make_loader(data_cfg, tokenizer, *, path=None, split: Optional[str] = None, cache=None,
                 process_index: Optional[int] = None, process_count: Optional[int] = None,
                 workers: Optional[int] = None, num_epochs: Any = "config", seed: Optional[int] = None,
                 options: LoaderOptions = LoaderOptions(), transforms: Optional[Transforms] = None):
@@ -198,7 +230,8 @@ def make_loader(data_cfg, tokenizer, *, path=None, split: Optional[str] = None,
         MakeSample(tokenizer, stage=data_cfg.stage, max_length=data_cfg.max_length,
                  num_img_tokens=data_cfg.num_img_tokens, max_images=data_cfg.max_images,
                  image_size=data_cfg.image_size, sd_size=data_cfg.sd_size,
-                 quirky_time_ids=data_cfg.quirky_time_ids, transforms=transforms),
+                 quirky_time_ids=data_cfg.quirky_time_ids, transforms=transforms,
+                 cache_views=data_cfg.cache_views, cache=cache),
         KeepSample(),
         grain.Batch(batch_size=data_cfg.batch_size, drop_remainder=True),
     ]
@@ -212,7 +245,8 @@ def make_loader(data_cfg, tokenizer, *, path=None, split: Optional[str] = None,
 
 
 def sample_dataset(data_cfg, tokenizer, *, path=None, split: Optional[str] = None, epochs: int = 1,
-                   seed: Optional[int] = None, transforms: Optional[Transforms] = None) -> grain.MapDataset:
+                   seed: Optional[int] = None, transforms: Optional[Transforms] = None,
+                   cache=None) -> grain.MapDataset:
     """Random-access samples (no batching, no workers) for step-indexed trainers: `epochs` passes over
     the records, each shuffled differently and with g drawn afresh from the element's seeded rng.
     Too-long samples redraw a smaller g instead of being dropped (random access cannot drop)."""
@@ -221,7 +255,8 @@ def sample_dataset(data_cfg, tokenizer, *, path=None, split: Optional[str] = Non
     make = MakeSample(tokenizer, stage=data_cfg.stage, max_length=data_cfg.max_length,
                       num_img_tokens=data_cfg.num_img_tokens, max_images=data_cfg.max_images,
                       image_size=data_cfg.image_size, sd_size=data_cfg.sd_size,
-                      quirky_time_ids=data_cfg.quirky_time_ids, transforms=transforms, too_long="shorter")
+                      quirky_time_ids=data_cfg.quirky_time_ids, transforms=transforms, too_long="shorter",
+                      cache_views=data_cfg.cache_views, cache=cache)
     return grain.MapDataset.source(source).shuffle(seed=seed).random_map(make, seed=seed).repeat(epochs)
 
 

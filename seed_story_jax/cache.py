@@ -424,3 +424,31 @@ def held(cache: KVCache, row: int = 0) -> list[tuple[int, int, int, int]]:
     valid, pos, kind, key_pos = (np.asarray(a)[row] for a in (cache.valid, cache.pos, cache.kind, cache.key_pos))
     out = [(int(p), int(k), int(q), int(s)) for s, (p, k, q) in enumerate(zip(pos, kind, key_pos)) if valid[s]]
     return sorted(out)
+
+
+def held_positions(kinds, policy: CachePolicy, capacity: int):
+    """The stream positions a cache holds after every token of `kinds` (TEXT/BOI/IMG/EOI per
+    token) was written, on the host, in stream order — the same set as the compiled cache (a
+    chunked write holds what token-by-token writing does). Training samples use it to show the
+    model a long story the way the story loop's cache will (`data_pipeline.samples.cache_view`)."""
+    import numpy as np
+
+    kinds = np.asarray(kinds)
+    n = len(kinds)
+    if policy.kind == "dense":
+        if n > capacity:
+            raise ValueError(f"a dense cache of {capacity} slots cannot hold {n} tokens")
+        return np.arange(n)
+    f, p, _, w = policy.layout(capacity)
+    idx = np.arange(n)
+    keep = (idx < f) | (idx >= max(f, n - w))
+    if policy.pins:
+        pinned = np.zeros(n, bool)
+        for anchors, before, after in ((np.flatnonzero(kinds == BOI), policy.boi_before, policy.boi_after),
+                                       (np.flatnonzero(kinds == EOI), policy.eoi_before, policy.eoi_after)):
+            for a in anchors:
+                pinned[max(a - before, 0):a + after] = True
+        # Tokens that left the ring, in the order they left; the pin region keeps the last P of them.
+        evicted = idx[(idx >= f) & (idx < n - w) & pinned]
+        keep[evicted[max(len(evicted) - p, 0):]] = True
+    return idx[keep]

@@ -413,6 +413,10 @@ class DataConfig:
     chunk: int = 10  # frames per record when building (StoryStream chunk_data.py)
     min_resolution: int = 128  # build-time filter: both sides >= this
     min_aspect: float = 0.2  # build-time filter: min_aspect <= h/w <= 1/min_aspect
+    # Share of stage-2/3 samples drawn from a whole record (beyond max_images frames) and seen
+    # through the story cache (`cache:`, a sink policy) as the story loop will show it: teaches the
+    # model to read what a long story's cache keeps (first tokens, pinned image spans, the ring).
+    cache_views: float = 0.0
 
     def validate(self, where: str = "data") -> None:
         _check(self.stage in (1, 2, 3), f"{where}.stage must be 1, 2 or 3, got {self.stage}")
@@ -425,6 +429,7 @@ class DataConfig:
         _check(0.0 < self.min_aspect <= 1.0, f"{where}.min_aspect must be in (0, 1]")
         _check(self.min_resolution >= 1, f"{where}.min_resolution must be >= 1")
         _check(self.workers >= 0, f"{where}.workers must be >= 0")
+        _check(0.0 <= self.cache_views <= 1.0, f"{where}.cache_views must be in [0, 1], got {self.cache_views}")
         _check(0 <= self.shuffle_seed < 2**32, f"{where}.shuffle_seed must be a 32-bit unsigned integer")
         _check(self.num_epochs is None or self.num_epochs >= 1, f"{where}.num_epochs must be >= 1 or null")
 

@@ -246,6 +246,7 @@ def _check_against_reference(kinds, chunks, pol, capacity, offsets=(0, 3)):
                                      (pol.boi_before, pol.boi_after, pol.eoi_before, pol.eoi_after))
             got = kvc.held(cache, r)
             assert [g[0] for g in got] == want, (done[r], [g[0] for g in got], want)
+            assert kvc.held_positions(kinds[:done[r]], pol, capacity).tolist() == want  # the host-side rule
             assert [g[1] for g in got] == [int(kinds[i]) for i in want]
             kp = [g[2] for g in got]
             assert kp == (list(range(len(want))) if pol.shifted else want)

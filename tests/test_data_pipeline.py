@@ -214,3 +214,35 @@ def test_fewer_image_slots_than_frames(data):
         rec = src[int(b["record_index"][i])]
         s = build_sample(rec["captions"][:4], int(b["g"][i]), tok, num_img_tokens=4, max_length=cfg.max_length)
         np.testing.assert_array_equal(b["input_ids"][i], s.input_ids)
+
+
+def test_cache_views_are_the_view_sample_and_its_frames(data):
+    """data.cache_views = 1: every stage-2 sample is the record's cache view (build_view_sample of
+    the drawn g), with the ViT squash of exactly the frames it keeps, in order, the target last."""
+    from data_pipeline.samples import build_view_sample
+    from seed_story_jax.cache import CachePolicy
+    from seed_story_jax.config import CacheConfig
+
+    cfg, tok, src, _ = data
+    cc = CacheConfig(capacity=100, sink_capacity=34, window_images=8)
+    vcfg = dataclasses.replace(cfg, cache_views=1.0, max_length=160)
+    it = _it(vcfg, tok, cache=cc)
+    evicted = 0
+    for _ in range(3):
+        b = next(it)
+        for i in range(vcfg.batch_size):
+            rec = src[int(b["record_index"][i])]
+            g = int(b["g"][i])
+            s = build_view_sample(rec["captions"], g, tok, CachePolicy.from_config(cc), 100, num_img_tokens=4,
+                                  max_length=160, max_images=10)
+            for k in ("input_ids", "attention_mask", "labels", "ids_cmp_mask", "ids_gen_mask"):
+                np.testing.assert_array_equal(b[k][i], getattr(s, k), err_msg=k)
+            n = len(s.image_ids)
+            assert b["num_images"][i] == n and s.image_ids[-1] == g + 1
+            assert b["embeds_gen_mask"][i].tolist() == [False] * (n - 1) + [True] + [False] * (10 - n)
+            for j, frame in enumerate(s.image_ids):
+                np.testing.assert_array_equal(b["images"][i, j], T.vit_squash_448(_decode(rec["images"][frame]), size=28))
+            evicted += int(s.image_ids[0] > 0)
+    assert evicted > 0  # some views start after the story's first frame
+    with pytest.raises(ValueError, match="cache"):
+        next(_it(vcfg, tok))  # no cache config to see through

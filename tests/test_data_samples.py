@@ -106,3 +106,98 @@ def test_tokenizer_that_does_not_parse_markup_is_refused():
 
     with pytest.raises(DataError, match="added tokens"):
         build_sample(CAPTIONS, 1, Plain(), num_img_tokens=2, max_length=200)
+
+
+# ------------------------------------------------------------------------------ cache views
+
+
+def _long_captions(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = list("abcdefg")
+    return [" ".join(rng.choice(words, size=int(rng.integers(1, 6)))) for _ in range(n)]
+
+
+def _held_by_the_cache(ids: list, tok, policy, capacity: int) -> list[int]:
+    """Stream positions the real (compiled) cache holds after the whole sequence, written in chunks."""
+    import jax.numpy as jnp
+
+    from seed_story_jax import cache as kvc
+
+    ids = np.asarray(ids)
+    kinds = np.full(len(ids), kvc.TEXT, np.int8)
+    kinds[ids == tok.boi_id], kinds[ids == tok.eoi_id] = kvc.BOI, kvc.EOI
+    kinds[np.isin(ids, tok.img_ids)] = kvc.IMG
+    cache = kvc.KVCache.create(1, 1, capacity, 1, 2, policy=policy)
+    step = min(7, policy.max_chunk(capacity))
+    for i in range(0, len(ids), step):
+        k = kinds[i:i + step][None]
+        _, cache = kvc.plan_write(cache, jnp.ones(k.shape, bool), kinds=jnp.asarray(k))
+    return [h[0] for h in kvc.held(cache)]
+
+
+@pytest.mark.parametrize("kind,capacity,sink_capacity", [("multimodal-sink", 80, 30), ("sink", 60, 4)])
+def test_view_sample_is_what_the_story_cache_holds(kind, capacity, sink_capacity):
+    """A long story's sample seen through the cache: exactly the tokens the compiled cache holds
+    after writing the whole sample (every image that has one of them held whole), in stream order,
+    with the response supervised as in the full sample and each kept image's record frame named."""
+    from data_pipeline.samples import build_view_sample
+    from seed_story_jax.cache import CachePolicy
+
+    tok = WordTokenizer(4)
+    caps = _long_captions(24)
+    pol = CachePolicy(kind=kind, positions="shifted", pin_slots=sink_capacity - 4 if kind != "sink" else 0)
+    for g in (3, 12, 22):
+        full = build_sample(caps, g, tok, num_img_tokens=4, max_length=10_000)
+        ids = full.input_ids[:full.length].tolist()
+        held = set(_held_by_the_cache(ids, tok, pol, capacity))
+        boi = [i for i, t in enumerate(ids) if t == tok.boi_id]
+        want, images = set(held), []
+        for j, b in enumerate(boi):
+            if held & set(range(b, b + 6)):
+                want |= set(range(b, b + 6))
+                images.append(j)
+        want = sorted(want)
+        s = build_view_sample(caps, g, tok, pol, capacity, num_img_tokens=4, max_length=200, max_images=12)
+        assert s.input_ids[:s.length].tolist() == [ids[i] for i in want]
+        assert s.labels[:s.length].tolist() == [int(full.labels[i]) for i in want]
+        assert s.image_ids.tolist() == images and images[-1] == g + 1
+        assert s.ids_cmp_mask.sum() == 4 * (len(images) - 1) and s.ids_gen_mask.sum() == 4
+        assert s.embeds_cmp_mask.tolist() == [True] * (len(images) - 1) + [False]
+        if g == 22:
+            assert s.length < full.length and want[:4] == [0, 1, 2, 3]  # evicted, first tokens kept
+            if kind == "sink":  # no pins: the images kept are the latest ones
+                assert images == list(range(images[0], g + 2))
+            else:  # the pins hold images the same ring alone would have lost
+                ring = CachePolicy(kind="sink", positions="shifted")
+                alone = build_view_sample(caps, g, tok, ring, capacity - (sink_capacity - 4), num_img_tokens=4,
+                                          max_length=200, max_images=12)
+                assert set(alone.image_ids) < set(images)
+
+
+def test_view_sample_without_eviction_is_the_sample():
+    from data_pipeline.samples import build_view_sample
+    from seed_story_jax.cache import CachePolicy
+
+    tok = WordTokenizer(4)
+    caps = _long_captions(8)
+    pol = CachePolicy(kind="multimodal-sink", positions="shifted", pin_slots=20)
+    a = build_sample(caps, 5, tok, num_img_tokens=4, max_length=300)
+    b = build_view_sample(caps, 5, tok, pol, 256, num_img_tokens=4, max_length=300, max_images=10)
+    for f in ("input_ids", "labels", "attention_mask", "ids_cmp_mask", "ids_gen_mask", "embeds_cmp_mask",
+              "embeds_gen_mask", "image_ids"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f), err_msg=f)
+
+
+def test_view_sample_refuses_what_does_not_fit():
+    from data_pipeline.samples import build_view_sample
+    from seed_story_jax.cache import CachePolicy
+
+    tok = WordTokenizer(4)
+    caps = ["a b c d e f g a b c d e f g"] * 12
+    pol = CachePolicy(kind="multimodal-sink", positions="shifted", pin_slots=10)
+    with pytest.raises(DataError, match="do not fit in the ring"):
+        build_view_sample(caps, 10, tok, pol, 30, num_img_tokens=4, max_length=200, max_images=12)
+    with pytest.raises(DataError, match="data.max_images"):
+        build_view_sample(_long_captions(24), 22, tok, CachePolicy(kind="multimodal-sink", positions="shifted",
+                                                                   pin_slots=60), 120,
+                          num_img_tokens=4, max_length=300, max_images=4)

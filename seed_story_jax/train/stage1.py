@@ -148,7 +148,8 @@ def story_examples(cfg: SeedStoryConfig, stage: int, keys: Sequence[str], tokeni
     seed = d.shuffle_seed if seed is None else seed
     make = MakeSample(tokenizer, stage=stage, max_length=d.max_length, num_img_tokens=d.num_img_tokens,
                       max_images=d.max_images, image_size=d.image_size, sd_size=d.sd_size,
-                      quirky_time_ids=d.quirky_time_ids, too_long="shorter")
+                      quirky_time_ids=d.quirky_time_ids, too_long="shorter", cache_views=d.cache_views,
+                      cache=cfg.cache)
     ds = grain.MapDataset.source(src).shuffle(seed=seed).random_map(make, seed=seed).repeat(epochs)
     return ds.map(_Select(keys))
 
