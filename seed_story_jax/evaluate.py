@@ -368,11 +368,11 @@ class Judge:
     padded to a fixed size so the encoder compiles once)."""
 
     def __init__(self, vit, batch: int = 16):
-        from seed_story_jax.models.vit import make_encoder
+        from seed_story_jax.story import vit_encoder
 
         self.cfg = vit.cfg
         self.batch = batch
-        self._encode = make_encoder(vit)
+        self._encode = vit_encoder(vit)  # shares compilations with the story loop's and other judges
 
     def features(self, images) -> np.ndarray:
         from PIL import Image

@@ -31,6 +31,7 @@ original lets the model write text first and then drops it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import json
 import re
@@ -149,6 +150,19 @@ def load_story_model(ckpt_dir, *, render: bool = True) -> StoryModel:
 # ------------------------------------------------------------------------------------------- pure steps
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _vit_forward(graphdef, state, images):
+    return nnx.merge(graphdef, state)(images)
+
+
+def vit_encoder(vit):
+    """`encode(images) -> features` of a ViT through one module-level jit, so every teller and judge
+    of the same ViT config shares its compilations (`models.vit.make_encoder` compiles afresh for
+    each encoder it makes). Same program, same numbers."""
+    graphdef, state = nnx.split(vit)
+    return functools.partial(_vit_forward, graphdef, state)
+
+
 def _logits_at_last(llm, hidden, mask):
     last = jnp.maximum(mask.astype(jnp.int32).sum(axis=1) - 1, 0)
     return llm.logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1))[:, 0].astype(jnp.float32)
@@ -263,6 +277,7 @@ class StoryTeller:
         self._image = jax.jit(image_step, static_argnums=(0, 2), donate_argnums=(4,),
                               static_argnames=("seq", "query", "commit"))
         self._uncond = None
+        self._enc = self._enc_of = None  # the ViT encoder, made once per ViT
 
     # -- pieces -----------------------------------------------------------------------------------
 
@@ -270,15 +285,19 @@ class StoryTeller:
         return {"text_loop": self._text._cache_size(), "image_step": self._image._cache_size(),
                 "prefill": self._prefill._cache_size()}
 
+    def _vit_encoder(self):
+        if self._enc_of is not self.model.vit:
+            self._enc, self._enc_of = vit_encoder(self.model.vit), self.model.vit
+        return self._enc
+
     def encode_images(self, images: Sequence) -> np.ndarray:
         """PIL images → ViT features (B, T_in, D) (squashed to the ViT's size, as the original)."""
         from seed_story_jax import transforms
-        from seed_story_jax.models import vit
 
         if self.model.vit is None:
             raise ValueError("this StoryModel has no ViT: pass start features instead of images")
         x = np.stack([transforms.vit_squash_448(transforms.to_rgb(im), self.model.vit.cfg.image_size) for im in images])
-        enc = vit.make_encoder(self.model.vit)
+        enc = self._vit_encoder()
         if self._uncond is None:
             self._uncond = np.asarray(enc(np.zeros_like(x[:1])), np.float32)  # spec §4.4
         return np.asarray(enc(x), np.float32)
@@ -511,10 +530,9 @@ class StoryTeller:
         det = self.model.detokenizer
         if det is None:
             raise ValueError("rendering needs the de-tokenizer (load the model with render=True)")
-        if self._uncond is None:
-            from seed_story_jax.models import vit
-
-            self._uncond = np.asarray(vit.uncond_features(self.model.vit), np.float32)
+        if self._uncond is None:  # models.vit.uncond_features: the all-zero normalised image (spec §4.4)
+            s = self.model.vit.cfg.image_size
+            self._uncond = np.asarray(self._vit_encoder()(np.zeros((1, s, s, 3), np.float32)), np.float32)
         return det.sample(feats, self._uncond, num_steps=o.render_steps, seed=o.render_seed)
 
     def _render_all(self, frames, o: StoryOptions) -> None:

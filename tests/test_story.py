@@ -71,6 +71,28 @@ def test_story_compiles_the_decode_step_once(teller, compile_counter):
         assert occ == sorted(occ) and occ[-1] <= 256
 
 
+def test_tellers_share_the_vit_encoder_compilations(teller, compile_counter):
+    """Start images through the ViT: a second teller of the same model (the evaluation makes one per
+    checkpoint) compiles no encoder again, and the features are `models.vit.make_encoder`'s."""
+    from PIL import Image
+
+    from seed_story_jax import transforms
+    from seed_story_jax.models import vit as V
+
+    rng = np.random.default_rng(1)
+    imgs = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), np.uint8)) for _ in range(2)]
+    got = teller.encode_images(imgs)
+    other = StoryTeller(teller.model)
+    with compile_counter() as c:
+        again = other.encode_images(imgs)
+    assert c.count == 0, c.count
+    x = np.stack([transforms.vit_squash_448(im, teller.model.vit.cfg.image_size) for im in imgs])
+    want = np.asarray(V.make_encoder(teller.model.vit)(x))
+    np.testing.assert_array_equal(got, want)  # the same program: bit-identical
+    np.testing.assert_array_equal(again, want)
+    np.testing.assert_array_equal(other._uncond, np.asarray(V.uncond_features(teller.model.vit)))
+
+
 def test_policies_without_eviction_tell_the_same_story(teller):
     """dense vs multimodal-sink (shifted, chunked image queries; original, image tokens fed one by
     one as the released generate does), both with room for the whole story (sink differs from
