@@ -26,6 +26,7 @@ Metrics, each a plain function below so it can be tested on constructed inputs:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -390,34 +391,40 @@ class Judge:
 # ------------------------------------------------------------------------------------ teacher forced
 
 
-def _teacher_forced_fn(models: Models):
-    """jit: (llm state, mllm state, batch, feats) → per-row (nll sum, tokens, regressed features of the
-    target, has target)."""
+def _teacher_forced_run(llm_def, res_def, llm_state, res_state, batch, feats):
+    """Per row: (nll sum, tokens, regressed features of the target, has target)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from seed_story_jax.models import mllm as M
 
-    def make():
-        llm_def, _ = nnx.split(models.llm)
-        res_def, _ = nnx.split(models.mllm)
+    llm, res = nnx.merge(llm_def, llm_state), nnx.merge(res_def, res_state)
+    out = M.forward(llm, res, batch["input_ids"], feats, batch["ids_cmp_mask"], batch["embeds_cmp_mask"],
+                    batch["ids_gen_mask"], batch["embeds_gen_mask"], max_gen=1)
+    lg = out.logits[:, :-1].astype(jnp.float32)
+    lab = batch["labels"][:, 1:]
+    valid = lab != M.IGNORE
+    picked = jnp.take_along_axis(lg, jnp.where(valid, lab, 0)[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, jax.nn.logsumexp(lg, axis=-1) - picked, 0.0).sum(axis=1)
+    return nll, valid.sum(axis=1), out.rec[:, 0].astype(jnp.float32), out.gen_valid[:, 0]
 
-        @jax.jit
-        def run(llm_state, res_state, batch, feats):
-            llm, res = nnx.merge(llm_def, llm_state), nnx.merge(res_def, res_state)
-            out = M.forward(llm, res, batch["input_ids"], feats, batch["ids_cmp_mask"], batch["embeds_cmp_mask"],
-                            batch["ids_gen_mask"], batch["embeds_gen_mask"], max_gen=1)
-            lg = out.logits[:, :-1].astype(jnp.float32)
-            lab = batch["labels"][:, 1:]
-            valid = lab != M.IGNORE
-            picked = jnp.take_along_axis(lg, jnp.where(valid, lab, 0)[..., None], axis=-1)[..., 0]
-            nll = jnp.where(valid, jax.nn.logsumexp(lg, axis=-1) - picked, 0.0).sum(axis=1)
-            return nll, valid.sum(axis=1), out.rec[:, 0].astype(jnp.float32), out.gen_valid[:, 0]
 
-        return run
+@functools.lru_cache(maxsize=None)
+def _teacher_forced_jit():
+    import jax
 
-    return models._get("teacher_forced", make)
+    return jax.jit(_teacher_forced_run, static_argnums=(0, 1))
+
+
+def _teacher_forced_fn(models: Models):
+    """jit: (llm state, mllm state, batch, feats) → per-row (nll sum, tokens, regressed features of the
+    target, has target). One module-level jit with the graphdefs static: the trained and the
+    random-init model (same configs) share its compilation."""
+    from flax import nnx
+
+    return models._get("teacher_forced", lambda: functools.partial(
+        _teacher_forced_jit(), nnx.split(models.llm)[0], nnx.split(models.mllm)[0]))
 
 
 def story_samples(story: EvalStory, feats: np.ndarray, tokenizer, cfg) -> list[dict]:

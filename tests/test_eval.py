@@ -285,6 +285,19 @@ def test_teacher_forced_matches_the_stage2_loss(tiny):
     assert abs(got["text_ce"] - math.log(models.cfg.llm.vocab_size)) < 1.0
 
 
+def test_second_checkpoint_reuses_the_compilations(tiny, compile_counter):
+    """The demo evaluates the trained and the random-init model, same configs: the second one's
+    teacher-forced program and judge compile nothing, and its numbers are the first's exactly."""
+    stories = E.load_stories(tiny / "data", "val", limit=2)
+    first = E.teacher_forced(E.Models.load(tiny / "ckpt"), stories, batch_size=4)
+    models = E.Models.load(tiny / "ckpt")
+    _ = (models.llm, models.mllm, models.vit)  # build the modules outside the counted block
+    with compile_counter() as c:
+        again = E.teacher_forced(models, stories, batch_size=4)
+    assert c.count == 0, c.count
+    assert again == first
+
+
 def test_eval_cli_teacher_forced(tiny, tmp_path, capsys):
     from seed_story_jax.cli import main
 
