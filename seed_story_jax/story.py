@@ -319,13 +319,14 @@ class StoryTeller:
         cc.validate()
         return cc.policy, kvc.CachePolicy.from_config(cc), cc
 
-    def _chunks(self, rows: list[list[int]], kinds_of, limit: int):
-        """Right-padded (tokens, mask, kinds) chunks of at most `limit` covering every row."""
+    def _chunks(self, rows: list[list[int]], kinds_of, limit: int, min_len: int = 1):
+        """Right-padded (tokens, mask, kinds) chunks of at most `limit` covering every row, at least
+        `min_len` long (padding is masked: it is never written to the cache nor seen)."""
         longest = max(len(r) for r in rows)
         start = 0
         while start < longest or start == 0:
             part = [r[start:start + limit] for r in rows]
-            t = _bucket(max(max(len(p) for p in part), 1), limit)
+            t = _bucket(max(max(len(p) for p in part), min_len, 1), limit)
             tokens = np.full((len(rows), t), self.tok.pad_id if self.tok.pad_id is not None else 0, np.int32)
             mask = np.zeros((len(rows), t), bool)
             for i, p in enumerate(part):
@@ -334,10 +335,10 @@ class StoryTeller:
             yield tokens, mask, kinds_of(tokens) * mask
             start += limit
 
-    def _run_prefill(self, rows, cache, feats=None, slots=None):
+    def _run_prefill(self, rows, cache, feats=None, slots=None, min_len: int = 1):
         limit = cache.policy.max_chunk(cache.capacity)
         logits = None
-        for tokens, mask, kinds in self._chunks(rows, self.tokens.kinds, limit):
+        for tokens, mask, kinds in self._chunks(rows, self.tokens.kinds, limit, min_len):
             if feats is not None and tokens.shape[1] < max(len(r) for r in rows):
                 raise ValueError(f"a prompt with images of {max(len(r) for r in rows)} tokens does not fit one "
                                  f"cache chunk ({limit}); enlarge the cache ring (cache.capacity)")
@@ -420,6 +421,7 @@ class StoryTeller:
         b, n = len(first_texts), len(self.tokens.img)
         rows = [[self.tok.bos_id] + self.tok.encode(t + self.image_string) for t in first_texts]
         cap_ids = None if captions is None else [[self.after_image(c) for c in cs[:o.frames - 1]] for cs in captions]
+        cap_len = max((len(c) for cs in cap_ids for c in cs), default=1) if cap_ids else 1
         if pol.kind == "dense":  # capacity: the whole story
             per_frame = [max(len(c[k]) for c in cap_ids) for k in range(o.frames - 1)] if cap_ids \
                 else [o.max_text_tokens] * (o.frames - 1)
@@ -437,8 +439,8 @@ class StoryTeller:
             for k in range(1, o.frames):
                 timings = {}
                 t = time.perf_counter()
-                if cap_ids is not None:
-                    logits, cache = self._run_prefill([c[k - 1] for c in cap_ids], cache)
+                if cap_ids is not None:  # one chunk length for every caption: one compilation
+                    logits, cache = self._run_prefill([c[k - 1] for c in cap_ids], cache, min_len=cap_len)
                     ids = [c[k - 1] for c in cap_ids]
                     jax.block_until_ready(logits)
                 else:

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from seed_story_jax import cli
-from seed_story_jax.story import StoryOptions, StoryTeller, load_story_model
+from seed_story_jax.story import StoryOptions, StoryTeller, _bucket, load_story_model
 
 FEAT_RTOL = 1e-5
 
@@ -207,6 +207,20 @@ def test_captions_mode_writes_the_given_texts(teller):
     assert story[0].frames[1].token_ids == teller.after_image(caps[0][0])
     with pytest.raises(ValueError, match="captions"):
         teller.tell(_start(teller), TEXTS, StoryOptions(frames=5, render="none", progress=False), captions=caps)
+
+
+def test_captions_of_different_lengths_share_one_chunk_program(teller):
+    """Given captions are written in chunks of one length (the longest caption's bucket), so a
+    story compiles its caption chunk once — padding is masked, the features are the same as when
+    each caption gets its own bucket (the chunk of a one-caption story)."""
+    short, long_ = "He runs.", "He climbs a very tall tree and finds a red ball in the garden near the house."
+    assert _bucket(len(teller.after_image(short)), 256) < _bucket(len(teller.after_image(long_)), 256)
+    fresh = StoryTeller(teller.model)
+    o = StoryOptions(frames=3, render="none", progress=False)
+    story = fresh.tell(_start(fresh), TEXTS, o, captions=[[short, long_]] * 2)
+    assert fresh.compiles()["prefill"] == 2  # the start prompt with its image, and the captions
+    alone = teller.tell(_start(teller), TEXTS, dataclasses.replace(o, frames=2), captions=[[short]] * 2)
+    np.testing.assert_allclose(story[0].frames[1].features, alone[0].frames[1].features, rtol=1e-5, atol=1e-6)
 
 
 def test_init_then_generate_writes_every_output(ckpt, tmp_path):
