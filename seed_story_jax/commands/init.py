@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HELP = "write a randomly initialised model (every component in CONFIG) as a checkpoint"
@@ -68,8 +69,11 @@ def init_checkpoint(cfg, out, *, tokenizer_dir=None, seed: int = 0, overwrite: b
                 cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=tok.vocab_size))
             tok_dir = Path(tmp) / "tok_out"
             tok.save(tok_dir)
-        params = {name: init_params(name, getattr(cfg, name), seed) for name in COMPONENTS
-                  if getattr(cfg, name, None) is not None}
+        names = [name for name in COMPONENTS if getattr(cfg, name, None) is not None]
+        # Two components at a time: XLA compiles each on one core, and the values depend only on
+        # (component, seed), not on the order.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            params = dict(zip(names, pool.map(lambda name: init_params(name, getattr(cfg, name), seed), names)))
         if not params:
             raise ConfigError("the config has no model section (llm, vit, unet, vae, detokenizer, mllm)")
         return save_checkpoint(out, cfg, params, tokenizer_dir=tok_dir if tok is not None else None,
