@@ -300,7 +300,21 @@ def _int_keys(tree):
 
 def module_from_params(component: str, section_cfg, params: dict):
     """A registry component holding `params` (built abstractly: no random init runs)."""
+    import jax
     import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, abstract = _abstract_module(component, section_cfg)
+    state = jax.tree.map(lambda v: v, abstract, is_leaf=lambda v: isinstance(v, nnx.Variable))  # a fresh tree
+    state.replace_by_pure_dict(_int_keys(params), replace_fn=lambda var, x: var.replace(jnp.asarray(x)))
+    return nnx.merge(graphdef, state)
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_module(component: str, section_cfg):
+    """(graphdef, abstract state) of a component: tracing a model's construction costs seconds
+    (nnx's rng bookkeeping under eval_shape grows with the trace), and the demo loads two
+    checkpoints of one config."""
     from flax import nnx
 
     from seed_story_jax.models import module_for
@@ -308,9 +322,7 @@ def module_from_params(component: str, section_cfg, params: dict):
     mod = module_for(component)
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: mod.build(section_cfg, nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-    state.replace_by_pure_dict(_int_keys(params), replace_fn=lambda var, x: var.replace(jnp.asarray(x)))
-    return nnx.merge(graphdef, state)
+    return nnx.split(model)
 
 
 @dataclasses.dataclass
