@@ -190,6 +190,10 @@ class Demo:
     progress: bool = True
     log: Any = print
     timings: dict = dataclasses.field(default_factory=dict)
+    # stage → (task, config) compiled ahead by `precompile_stages`
+    _ahead: dict = dataclasses.field(default_factory=dict, repr=False)
+    _ahead_cfg: dict = dataclasses.field(default_factory=dict, repr=False)
+    _precompiling: Any = dataclasses.field(default=None, repr=False)  # the thread
 
     # ---- layout ------------------------------------------------------------------------------
     @property
@@ -314,24 +318,30 @@ class Demo:
         train_vae(self, self.path("init"), self.path("random"))
 
     # ---- 6-8: SEED-Story's three stages ------------------------------------------------------------
-    def stage(self, k: int) -> None:
+    def stage_src(self, k: int) -> Path:
+        return self.path("random") if k == 1 else self.path(f"ckpt{k - 1}")
+
+    def stage_done(self, k: int) -> bool:
         from seed_story_jax.checkpoint import is_checkpoint
 
-        src = self.path("random") if k == 1 else self.path(f"ckpt{k - 1}")
         dst = self.model if k == 3 else self.path(f"ckpt{k}")
-        if is_checkpoint(dst) and (k != 3 or self.model_ready()):
-            return
-        from seed_story_jax.checkpoint import read_config
+        return is_checkpoint(dst) and (k != 3 or self.model_ready())
 
-        base = read_config(src)  # carries the VAE scaling factor measured in step 5
+    def stage_config(self, k: int, base_from: Optional[Path] = None):
+        """Stage k's config: the model config of its source checkpoint (`base_from`: another
+        checkpoint with the same model config) with the demo's train settings for stage k."""
+        from seed_story_jax.checkpoint import read_config
+        from seed_story_jax.config import config_from_tree
+
+        src = self.stage_src(k)
+        base = read_config(base_from or src)  # carries the VAE scaling factor measured in step 5
         tree = _tree_of(base)
         over = dict(self.dc.settings.stages.get(k, {}))
         tree["train"] = {**(self.dc.tree.get("train") or {}), **over, "stage": k, "init": str(src)}
         tree["data"] = {**(tree.get("data") or {}), "stage": k}
-        from seed_story_jax.config import config_from_tree
+        return config_from_tree(tree)
 
-        cfg = config_from_tree(tree)
-        from seed_story_jax.train.loop import run as train_run
+    def stage_task(self, cfg, k: int):
         from seed_story_jax.train.stages import make_task
 
         try:
@@ -340,9 +350,58 @@ class Demo:
             if "not available yet" in str(e):
                 raise Blocked(f"training stage {k}: {e}") from None
             raise
-        task = dataclasses.replace(task, build=zero_init(task.build))
+        return dataclasses.replace(task, build=zero_init(task.build))
+
+    def stage(self, k: int) -> None:
+        if self.stage_done(k):
+            return
+        if k == 1:
+            self.precompile_stages()
+        self.wait_precompiled(k)
+        src, dst = self.stage_src(k), (self.model if k == 3 else self.path(f"ckpt{k}"))
+        cfg = self.stage_config(k)
+        from seed_story_jax.train.loop import run as train_run
+
+        # the task the thread compiled (same examples: every checkpoint carries the same tokenizer)
+        task = self._ahead.pop(k, None) if cfg == self._ahead_cfg.get(k) else None
+        task = task or self.stage_task(cfg, k)
         result = train_run(cfg, self.path(f"stage{k}"), task=task, progress=self.progress)
         export_checkpoint(src, dst, result.state.params, cfg, stamp=self.dc.fingerprint if k == 3 else None)
+
+    # ---- compiling stages 2 and 3 while stage 1 runs ---------------------------------------------------
+    def precompile_stages(self, stages=(3, 2)) -> None:
+        """Compile the train steps of later stages in a thread (XLA compiles on one core; the
+        main thread compiles and trains stage 1 meanwhile) into the persistent compilation cache,
+        where their runs find them. Their configs are known once the VAE is trained: every stage
+        checkpoint has the random model's config. Best effort: a failure only costs the time."""
+        import threading
+
+        todo = [k for k in stages if not self.stage_done(k)]
+        if not todo or self._precompiling is not None:
+            return
+
+        def work():
+            for k in todo:
+                try:
+                    cfg = self.stage_config(k, base_from=self.path("random"))
+                    # the source checkpoint does not exist yet: examples and tokenizer from the random one
+                    task = self.stage_task(dataclasses.replace(
+                        cfg, train=dataclasses.replace(cfg.train, init=str(self.path("random")))), k)
+                    from seed_story_jax.train.loop import compile_step
+
+                    compile_step(cfg, task=task)
+                    self._ahead[k], self._ahead_cfg[k] = task, cfg
+                except Exception as e:  # noqa: BLE001 - the stage compiles when it runs
+                    self.log(f"demo: compiling stage {k} ahead failed ({type(e).__name__}: {str(e)[:200]}); "
+                             f"it compiles when it runs")
+
+        self._precompiling = threading.Thread(target=work, name="demo-precompile", daemon=True)
+        self._precompiling.start()
+
+    def wait_precompiled(self, k: int) -> None:
+        """Stage k's own compile would race the thread's: let the thread finish first."""
+        if k > 1 and self._precompiling is not None:
+            self._precompiling.join()
 
     # ---- 9: the story --------------------------------------------------------------------------------
     def held_out_start(self):

@@ -408,3 +408,21 @@ def test_sigkill_at_many_points_resumes_exactly(tmp_path, faults):
     assert rc == 0, out
     ref, got = _losses(ref_wd), _losses(wd)
     assert [got[s] for s in range(1, 10)] == [ref[s] for s in range(1, 10)]
+
+
+def test_compile_step_ahead_in_a_thread_leaves_nothing_to_compile(one_device, tmp_path, compile_counter):
+    """`compile_step` (what the demo runs in a thread for later stages) compiles the very step a
+    later `run` of the config uses: that run compiles nothing (its initial state is cached from
+    the earlier runs of this mesh), while a config not compiled ahead compiles its step."""
+    import threading
+
+    cfg = _cfg("train.lr=0.0021", mesh=(1, 1, 1))
+    th = threading.Thread(target=loop.compile_step, args=(cfg,))
+    th.start()
+    th.join()
+    with compile_counter() as c:
+        res = loop.run(cfg, tmp_path / "ahead", progress=False, stop_at=2)
+    assert res.step == 2 and c.count == 0, c.count
+    with compile_counter() as c:
+        loop.run(_cfg("train.lr=0.0022", mesh=(1, 1, 1)), tmp_path / "not_ahead", progress=False, stop_at=2)
+    assert c.count >= 1

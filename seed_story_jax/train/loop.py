@@ -136,9 +136,8 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
     rules = cfg.mesh.rules
     tx = make_optimizer(t)
 
-    init, graphdef, state_abs, frozen_abs, state_sh, frozen_sh = S.abstract_setup(
-        task.build, task.trainable, tx, mesh, rules, seed=t.seed, frozen_dtype=t.frozen_dtype)
     key = None if task.key is None else (task.key, t, mesh, rules)
+    init, graphdef, state_abs, frozen_abs, state_sh, frozen_sh = _abstract_setup(t, task, key, tx, mesh, rules)
     # what the initial state depends on (not the schedule, batch or logging)
     init_key = None if task.key is None else (task.key, t.seed, t.frozen_dtype, t.clip_norm > 0, mesh, rules)
 
@@ -158,8 +157,7 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
 
     spec = example_spec(task)
     b = t.batch_size
-    batch_sh = jax.tree.map(lambda s: R.batch_sharding(mesh, (b,) + s[0], rules), spec,
-                            is_leaf=lambda x: isinstance(x, tuple))
+    batch_sh = _batch_shardings(spec, b, mesh, rules)
     rows = D.local_rows(jax.tree.leaves(batch_sh)[0], b)
     if primary and (warning := R.batch_warning(mesh, b, rules)):
         print(f"train: warning: {warning}", file=sys.stderr)
@@ -172,10 +170,7 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
         start = 0
     last_ckpt = start if restored is not None else None
 
-    step_fn = _cached(("step", key, task.loss_fn, str(spec)), lambda: jit_train_step(
-        make_train_step(graphdef, task.loss_fn, tx, grad_accum=t.grad_accum, lr_fn=lr_schedule(t), mesh=mesh,
-                        batch_spec=jax.tree.leaves(batch_sh)[0].spec[:1] or (None,)),
-        state_sh, frozen_sh, batch_sh, mesh))
+    step_fn = _step_fn(t, task, key, spec, graphdef, tx, mesh, state_sh, frozen_sh, batch_sh)
 
     writer = MetricsWriter(workdir, enabled=primary)
     stop = {"signal": False}
@@ -262,6 +257,55 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     return RunResult(status=status, step=step, last_checkpoint=last_ckpt, state=state, frozen=frozen)
+
+
+def _abstract_setup(t, task, key, tx, mesh, rules):
+    """`S.abstract_setup`, kept per (task key, train config, mesh, rules) and the task's very `build`
+    and `trainable` functions (its `init` runs `build`): tracing a model's construction costs
+    seconds, and `compile_step` then `run` of one task set it up once."""
+    def make():
+        return S.abstract_setup(task.build, task.trainable, tx, mesh, rules, seed=t.seed, frozen_dtype=t.frozen_dtype)
+
+    return _cached(("setup", key, task.build, task.trainable), make)
+
+
+def _batch_shardings(spec, b: int, mesh, rules):
+    return jax.tree.map(lambda s: R.batch_sharding(mesh, (b,) + s[0], rules), spec,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _step_fn(t, task, key, spec, graphdef, tx, mesh, state_sh, frozen_sh, batch_sh):
+    return _cached(("step", key, task.loss_fn, str(spec)), lambda: jit_train_step(
+        make_train_step(graphdef, task.loss_fn, tx, grad_accum=t.grad_accum, lr_fn=lr_schedule(t), mesh=mesh,
+                        batch_spec=jax.tree.leaves(batch_sh)[0].spec[:1] or (None,)),
+        state_sh, frozen_sh, batch_sh, mesh))
+
+
+def compile_step(cfg: SeedStoryConfig, *, task=None, devices=None) -> None:
+    """Compile the train step that `run(cfg, ..., task=task)` uses, without running it or reading
+    any checkpoint: the same jitted function (cached per task key and train config), lowered for
+    the same shardings. With JAX's persistent compilation cache on, a later `run` — in this
+    process or another — loads the executable instead of compiling it; the demo compiles later
+    stages' steps in a thread while an earlier stage compiles and trains (XLA compiles on one
+    core). The numbers are the same: one program, compiled once."""
+    from seed_story_jax.train.stages import make_task
+
+    t = cfg.train
+    task = task or make_task(cfg)
+    mesh = make_mesh(cfg.mesh, devices)
+    rules = cfg.mesh.rules
+    tx = make_optimizer(t)
+    key = None if task.key is None else (task.key, t, mesh, rules)
+    _, graphdef, state_abs, frozen_abs, state_sh, frozen_sh = _abstract_setup(t, task, key, tx, mesh, rules)
+    spec = example_spec(task)
+    b = t.batch_size
+    batch_sh = _batch_shardings(spec, b, mesh, rules)
+    step_fn = _step_fn(t, task, key, spec, graphdef, tx, mesh, state_sh, frozen_sh, batch_sh)
+    batch_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct((b,) + tuple(s[0]), s[1], sharding=sh), spec,
+                             batch_sh, is_leaf=lambda x: isinstance(x, tuple))
+    with R.activation_rules(mesh, rules):
+        step_fn.lower(S.with_shardings(state_abs, state_sh), S.with_shardings(frozen_abs, frozen_sh),
+                      batch_abs).compile()
 
 
 _JITTED: dict = {}
