@@ -18,7 +18,8 @@ interrupted demo continues where it stopped and a finished one goes straight to 
                  latents as SD did. This model is the "randomly initialised self" of the evaluation:
                  random agent and de-tokenizer, with the frozen pieces (ViT, VAE) a real run has.
     6-8 stage 1, 2, 3 (seed_story_jax/train): each starts from the previous checkpoint (train.init)
-                 and is exported as a complete checkpoint; stage 3's is OUT/model
+                 and is exported as a complete checkpoint; stage 3's is OUT/model. Stages 3 and 2
+                 compile their train steps in a thread while stage 1 compiles and trains.
     9 story      a 30-frame story with the multimodal sink from a held-out first frame and caption
     10 eval      trained and random-init models on the held-out stories (seed_story_jax/evaluate.py)
 
@@ -190,10 +191,10 @@ class Demo:
     progress: bool = True
     log: Any = print
     timings: dict = dataclasses.field(default_factory=dict)
-    # stage → (task, config) compiled ahead by `precompile_stages`
-    _ahead: dict = dataclasses.field(default_factory=dict, repr=False)
-    _ahead_cfg: dict = dataclasses.field(default_factory=dict, repr=False)
-    _precompiling: Any = dataclasses.field(default=None, repr=False)  # the thread
+    # stage → task and config compiled ahead by `precompile_stages`, and its thread
+    _ahead: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _ahead_cfg: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _precompiling: Any = dataclasses.field(default=None, init=False, repr=False)
 
     # ---- layout ------------------------------------------------------------------------------
     @property
