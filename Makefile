@@ -2,6 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+BASE := $(VENV)/.installed
 STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test test-slow bench clean
@@ -10,11 +11,16 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# The demo needs only the runtime dependencies (no torch: ~1 minute less on a fresh machine).
+$(BASE): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $(BASE)
+
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
-	touch $(STAMP)
+	touch $(BASE) $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(BIN)/seed-story demo --out demo_out
 
 test: $(STAMP)

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Optional
 import numpy as np
 
 from seed_story_jax.atomic import atomic_path
-from seed_story_jax.config import SeedStoryConfig, config_from_tree, dump_config
+from seed_story_jax.config import SeedStoryConfig, config_from_tree, dump_config, read_yaml
 
 FORMAT = "seed-story-jax/1"
 PARTS_FORMAT = "seed-story-jax-parts/1"
@@ -65,10 +65,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 
 def read_config(path: str | os.PathLike) -> SeedStoryConfig:
-    import yaml
-
     p = Path(path) / "config.yaml"
-    return config_from_tree(yaml.safe_load(p.read_text()) or {})
+    return config_from_tree(read_yaml(p.read_text()) or {})
 
 
 def _checkpointer():

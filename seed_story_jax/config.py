@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -644,7 +645,7 @@ def load_yaml_tree(path: str | os.PathLike, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: config file not found")
     _check(path.resolve() not in _seen, f"{path}: circular `base:` include")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     _check(isinstance(data, dict), f"{path}: top level must be a mapping")
@@ -655,6 +656,22 @@ def load_yaml_tree(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     for b in bases:
         merged = _deep_merge(merged, load_yaml_tree(path.parent / b, _seen + (path.resolve(),)))
     return _deep_merge(merged, data)
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` as a string (its floats need a dot); configs and overrides mean the
+    number, as YAML 1.2 does."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def read_yaml(text: str):
+    """A YAML document as plain data (safe: no tags that build objects)."""
+    return yaml.load(text, Loader=YamlLoader)
 
 
 def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -672,7 +689,7 @@ def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             _check(isinstance(node[p], dict), f"override {item!r}: {p} is not a section")
             node = node[p]
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            node[parts[-1]] = read_yaml(raw)
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: bad value: {e}") from None
     return tree
