@@ -15,6 +15,15 @@ def test_yaml_base_merge_and_overrides(tmp_path):
     assert cfg.llm.rope_theta == 500000.0 and cfg.llm.lora.rank == 4 and cfg.llm.lora.scaling == 8.0
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML's safe_load) reads `5e-4` as a string; files and overrides mean the number."""
+    (tmp_path / "a.yaml").write_text("train:\n  lr: 5e-4\n  weight_decay: 1E-2\n  eps: 1.0e-6\n")
+    cfg = C.load_config(tmp_path / "a.yaml", ["train.min_lr_ratio=1e-1", "train.warmup_steps=10"])
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.eps) == (5e-4, 1e-2, 1e-6)
+    assert cfg.train.min_lr_ratio == 0.1 and cfg.train.warmup_steps == 10
+    assert C.read_yaml("a: 1e3x\nb: e5\nc: 1_0\n") == {"a": "1e3x", "b": "e5", "c": 10}
+
+
 @pytest.mark.parametrize("override, needle", [
     (["llm.nonsense=1"], "nonsense"),
     (["llm.num_layers=two"], "llm.num_layers"),
