@@ -58,6 +58,11 @@ STORY_FILES = ("story.json", "story.html", "storyboard.png", "frames")
 class StorySettings:
     frames: int = 30
     policy: str = "multimodal-sink"
+    # how the model writes the captions (StoryOptions' fields; temperature 0: greedy, the original's)
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_text_tokens: int = 100
+    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +130,9 @@ class DemoSettings:
                 raise ConfigError(f"demo: unknown cache policy {p!r}; known: {', '.join(POLICIES)}")
         if story.frames < 2:
             raise ConfigError(f"demo.story.frames must be >= 2, got {story.frames}")
+        if story.temperature < 0 or not 0 < story.top_p <= 1 or story.max_text_tokens < 1:
+            raise ConfigError(f"demo.story: need temperature >= 0, 0 < top_p <= 1, max_text_tokens >= 1; got "
+                              f"{story.temperature}, {story.top_p}, {story.max_text_tokens}")
         base = from_dict(_Scalars, tree, "demo")
         return cls(**dataclasses.asdict(base), synth=synth, vae=vae, stages=stages, story=story, eval=ev)
 
@@ -639,8 +647,9 @@ def tell_story(ckpt, image, caption: str, out: Path, settings: StorySettings, *,
     except ImportError:
         raise Blocked("the story loop (seed_story_jax/story.py) has not landed yet") from None
     teller = S.StoryTeller(S.load_story_model(ckpt))
-    told = teller.tell([image], [caption], S.StoryOptions(frames=settings.frames, policy=settings.policy,
-                                                          render="end", progress=progress))[0]
+    told = teller.tell([image], [caption], S.StoryOptions(
+        frames=settings.frames, policy=settings.policy, temperature=settings.temperature, top_p=settings.top_p,
+        max_text_tokens=settings.max_text_tokens, seed=settings.seed, render="end", progress=progress))[0]
     tmp = Path(out) / ".story-new"
     if tmp.exists():
         shutil.rmtree(tmp)
