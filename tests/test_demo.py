@@ -39,6 +39,7 @@ def test_demo_config_and_overrides():
     dc = D.load_demo_config()
     s = dc.settings
     assert s.story.frames == 30 and s.story.policy == "multimodal-sink"
+    assert s.story.temperature > 0 and s.story.max_text_tokens < 100  # sampled captions (greedy loops)
     assert set(s.stages) == {1, 2, 3} and all(s.stages[k]["steps"] >= 1 for k in s.stages)
     assert "demo" not in dc.tree and dc.config().train is not None
     small = D.load_demo_config(overrides=SMALL)
@@ -68,6 +69,8 @@ def test_demo_config_errors():
         D.load_demo_config(overrides=["demo.bogus=1"])
     with pytest.raises(ConfigError, match="bogus"):
         D.load_demo_config(overrides=["demo.story.policy=bogus"])
+    with pytest.raises(ConfigError, match="demo.story: need"):
+        D.load_demo_config(overrides=["demo.story.top_p=0"])
     with pytest.raises(ConfigError, match="demo.vae"):
         D.load_demo_config(overrides=["demo.vae.stepz=1"])
     with pytest.raises(ConfigError, match="llm"):
