@@ -35,6 +35,7 @@ import functools
 import html
 import json
 import re
+import unicodedata
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -94,8 +95,12 @@ def clean_text(text: str) -> str:
 
 
 def display_text(text: str) -> str:
+    """The caption as shown: markup and control characters gone (a sampled byte-fallback piece can
+    decode to NUL or U+FFFD, which a browser drops and a reader cannot use)."""
     t = clean_text(text)
-    return t[len(INST):].strip() if t.startswith(INST) else t
+    t = t[len(INST):].strip() if t.startswith(INST) else t
+    t = "".join(c for c in t if c.isspace() or (unicodedata.category(c)[0] != "C" and c != "\ufffd"))
+    return " ".join(t.split())
 
 
 # ------------------------------------------------------------------------------------------- model

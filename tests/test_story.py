@@ -249,3 +249,11 @@ def test_init_then_generate_writes_every_output(ckpt, tmp_path):
     bad.write_text("not an image")
     assert cli.main(argv[:4] + [str(bad)] + argv[5:9] + ["--out", str(tmp_path / "o2")] + argv[11:]) == 2
     assert not (tmp_path / "o2").exists()
+
+
+def test_display_text_drops_markup_and_control_characters():
+    """Sampled byte-fallback pieces can decode to NUL or U+FFFD: the shown caption has neither."""
+    from seed_story_jax.story import display_text
+
+    assert display_text("[INST]Bo\x00 runs \ufffd <img_00001> to\x13  the park.") == "Bo runs to the park."
+    assert display_text("Tom, a sad big cyan diamond.") == "Tom, a sad big cyan diamond."
