@@ -35,8 +35,8 @@ import functools
 import html
 import json
 import re
-import unicodedata
 import time
+import unicodedata
 from pathlib import Path
 from typing import Optional, Sequence
 
