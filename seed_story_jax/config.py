@@ -474,6 +474,14 @@ class TrainConfig:
     data: str = "synthetic"  # stage 0: synthetic; stages 1-3: the `data:` section's dataset
     synthetic_examples: int = 4096
     init: str = ""  # a seed-story checkpoint directory to start the params from
+    # stages 1 and 3 (the denoising loss), as diffusers' SDXL training script; the defaults are the
+    # original's (t uniform, plain MSE). timestep_bias: none | earlier | later | range
+    timestep_bias: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
+    snr_gamma: float = 0.0  # Min-SNR-γ loss weighting; 0 = off
 
     def validate(self, where: str = "train") -> None:
         _check(self.stage in (0, 1, 2, 3), f"{where}.stage must be 0, 1, 2 or 3, got {self.stage}")
@@ -490,6 +498,13 @@ class TrainConfig:
         _check(self.dtype in ("",) + DTYPES and self.frozen_dtype in ("",) + DTYPES,
                f"{where}: dtype and frozen_dtype must be empty or one of {DTYPES}")
         _check(self.remat in ("",) + REMAT_POLICIES, f"{where}.remat must be empty or one of {REMAT_POLICIES}")
+        _check(self.timestep_bias in ("none", "earlier", "later", "range"),
+               f"{where}.timestep_bias must be none, earlier, later or range, got {self.timestep_bias!r}")
+        _check(self.timestep_bias_multiplier > 0, f"{where}.timestep_bias_multiplier must be > 0")
+        _check(0.0 < self.timestep_bias_portion <= 1.0, f"{where}.timestep_bias_portion must be in (0, 1]")
+        _check(0 <= self.timestep_bias_begin < self.timestep_bias_end,
+               f"{where}: need 0 <= timestep_bias_begin < timestep_bias_end")
+        _check(self.snr_gamma >= 0, f"{where}.snr_gamma must be >= 0 (0 = off)")
         if self.trainable_regex:
             import re
 

@@ -139,9 +139,55 @@ def add_noise(alphas_cumprod_table: jax.Array, x0: jax.Array, noise: jax.Array, 
     return a * x0.astype(jnp.float32) + b * noise.astype(jnp.float32)
 
 
-def sample_timesteps(key: jax.Array, batch: int, cfg: SchedulerConfig) -> jax.Array:
-    """t ~ U{0, …, num_train_timesteps − 1}, int32, one per sample."""
-    return jax.random.randint(key, (batch,), 0, cfg.num_train_timesteps, dtype=jnp.int32)
+def sample_timesteps(key: jax.Array, batch: int, cfg: SchedulerConfig, weights=None) -> jax.Array:
+    """t ~ U{0, …, num_train_timesteps − 1}, int32, one per sample; with `weights`
+    (num_train_timesteps,), t is drawn with probability proportional to them instead."""
+    if weights is None:
+        return jax.random.randint(key, (batch,), 0, cfg.num_train_timesteps, dtype=jnp.int32)
+    w = np.asarray(weights, np.float64)
+    if w.shape != (cfg.num_train_timesteps,):
+        raise ValueError(f"timestep weights must be ({cfg.num_train_timesteps},), got {w.shape}")
+    logits = jnp.asarray(np.log(w / w.sum()), jnp.float32)
+    return jax.random.categorical(key, logits, shape=(batch,)).astype(jnp.int32)
+
+
+TIMESTEP_BIAS = ("none", "earlier", "later", "range")
+
+
+def timestep_bias_weights(cfg: SchedulerConfig, strategy: str = "none", multiplier: float = 1.0,
+                          portion: float = 0.25, begin: int = 0, end: int = 1000) -> np.ndarray:
+    """Sampling weights over the training timesteps, diffusers' `generate_timestep_weights`
+    (train_text_to_image_sdxl.py --timestep_bias_*): 1 everywhere, × `multiplier` on the biased
+    range — `earlier` the first `portion` of the timesteps (low noise: detail), `later` the last
+    `portion` (high noise: layout and colour, what conditioning decides), `range` [begin, end)."""
+    n = cfg.num_train_timesteps
+    if strategy not in TIMESTEP_BIAS:
+        raise ValueError(f"timestep bias must be one of {TIMESTEP_BIAS}, got {strategy!r}")
+    if multiplier <= 0:
+        raise ValueError(f"timestep bias multiplier must be > 0 (a zero weight removes timesteps), got {multiplier}")
+    w = np.ones(n, np.float64)
+    if strategy == "none":
+        return w
+    if strategy == "range":
+        if not 0 <= begin < end <= n:
+            raise ValueError(f"timestep bias range [{begin}, {end}) must lie within [0, {n})")
+        lo, hi = begin, end
+    else:
+        if not 0.0 < portion <= 1.0:
+            raise ValueError(f"timestep bias portion must be in (0, 1], got {portion}")
+        k = max(1, int(n * portion))
+        lo, hi = (0, k) if strategy == "earlier" else (n - k, n)
+    w[lo:hi] *= multiplier
+    return w
+
+
+def min_snr_weight(alphas_cumprod_table, t: jax.Array, gamma: float) -> jax.Array:
+    """Min-SNR-γ loss weight of ε-prediction (Hang et al. 2023; diffusers' --snr_gamma):
+    min(SNR_t, γ) / SNR_t with SNR_t = ᾱ_t / (1 − ᾱ_t). It caps what the nearly clean timesteps
+    (high SNR, little to learn from the conditioning) weigh in the loss; float32 (B,)."""
+    ac = jnp.asarray(alphas_cumprod_table, jnp.float32)[t]
+    snr = ac / (1.0 - ac)
+    return jnp.minimum(snr, jnp.float32(gamma)) / snr
 
 
 @struct.dataclass

@@ -16,6 +16,7 @@ from seed_story_jax.config import QwenResamplerConfig, ResamplerXLV2Config
 from seed_story_jax.errors import ConversionError
 from seed_story_jax.models.resamplers import TRAINABLE, FrozenParam, QwenResampler, ResamplerXLV2
 from seed_story_jax.nn.params import count_params
+from tests.init_stats import assert_init_like, qwen_resampler_init_
 from tests.torch_ref import resamplers as ref
 
 RTOL = 1e-5
@@ -207,3 +208,30 @@ def test_xlv2_full_size_count():
     from seed_story_jax.models import abstract_params
 
     assert count_params(abstract_params("detokenizer", DetokenizerConfig())) == 61_245_696
+
+
+# ------------------------------------------------------------------------------ random init
+
+
+def test_xlv2_random_init_is_torchs_default():
+    """ResamplerXLV2 keeps torch's nn.Linear default (U(±1/√fan_in)) and N(0, 1)/√dim latents: the
+    tiny de-tokenizer trained from scratch starts as the original would."""
+    cfg = ResamplerXLV2Config(dim=64, depth=2, dim_head=16, heads=4, num_queries=16, embedding_dim=64,
+                              output1_dim=32, output2_dim=32, ff_mult=4, normalize=True)
+    torch.manual_seed(0)
+    t = ref.ResamplerXLV2(cfg.dim, cfg.depth, cfg.dim_head, cfg.heads, cfg.num_queries, cfg.embedding_dim,
+                          cfg.output1_dim, cfg.output2_dim, cfg.ff_mult)
+    with nnx.use_eager_sharding(False):
+        ours = nnx.state(ResamplerXLV2(cfg, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+    assert_init_like(ours, xlv2_from_torch(_sd(t), cfg))
+
+
+def test_qwen_resampler_random_init_is_the_originals():
+    """Qwen-VL's Resampler: trunc_normal(0.02) on every nn.Linear and the query (its _init_weights,
+    written here from the original), nn.MultiheadAttention's xavier_uniform in_proj."""
+    grid, embed, heads, kv_dim, tokens = 4, 64, 4, 48, 64
+    torch.manual_seed(0)
+    t = ref.Resampler(grid, embed, heads, kv_dim)
+    qwen_resampler_init_(t)
+    ours = nnx.state(_build_qwen(grid, embed, heads, kv_dim, tokens), nnx.Param).to_pure_dict()
+    assert_init_like(ours, qwen_resampler_from_torch(_sd(t), input_tokens=tokens))

@@ -153,3 +153,43 @@ def test_unsupported_scheduler_settings_are_refused(tmp_path, key, value):
     (tmp_path / "scheduler_config.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match=key):
         S.load_scheduler_config(tmp_path)
+
+
+def test_timestep_bias_weights_follow_diffusers_generate_timestep_weights():
+    # diffusers' train_text_to_image_sdxl.py, written out: ones, × multiplier on the biased slice
+    n = SDXL.num_train_timesteps
+    later = S.timestep_bias_weights(SDXL, "later", 3.0, 0.25)
+    assert later.shape == (n,) and (later[:750] == 1).all() and (later[750:] == 3).all()
+    earlier = S.timestep_bias_weights(SDXL, "earlier", 2.0, 0.1)
+    assert (earlier[:100] == 2).all() and (earlier[100:] == 1).all()
+    rng = S.timestep_bias_weights(SDXL, "range", 5.0, begin=200, end=500)
+    assert (rng[200:500] == 5).all() and rng.sum() == n + 4 * 300
+    assert (S.timestep_bias_weights(SDXL, "none", 7.0) == 1).all()
+    for bad, match in [(dict(strategy="latest"), "one of"), (dict(strategy="later", multiplier=0.0), "> 0"),
+                       (dict(strategy="later", portion=1.5), "portion"),
+                       (dict(strategy="range", begin=500, end=1001), r"\[500, 1001\)")]:
+        with pytest.raises(ValueError, match=match):
+            S.timestep_bias_weights(SDXL, **bad)
+
+
+def test_biased_timesteps_are_drawn_in_proportion():
+    w = S.timestep_bias_weights(SDXL, "later", 3.0, 0.5)
+    t = np.asarray(jax.jit(lambda k: S.sample_timesteps(k, 40000, SDXL, w))(jax.random.key(3)))
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() <= 999
+    # P(t >= 500) = 3·500 / (3·500 + 500) = 0.75; binomial stderr over 40000 draws ≈ 0.002
+    assert abs((t >= 500).mean() - 0.75) < 0.01
+    with pytest.raises(ValueError, match=r"\(1000,\)"):
+        S.sample_timesteps(jax.random.key(0), 4, SDXL, w[:10])
+
+
+def test_min_snr_weight_matches_diffusers_compute_snr():
+    from diffusers.training_utils import compute_snr
+
+    t = np.array([0, 1, 10, 100, 400, 500, 800, 999])
+    snr = compute_snr(_ref(cls=DDPMScheduler), torch.from_numpy(t))
+    for gamma in (1.0, 5.0):
+        # the SDXL script's epsilon weights: min(snr, γ) / snr
+        expected = (torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0] / snr).numpy()
+        got = np.asarray(S.min_snr_weight(S.alphas_cumprod(SDXL), jnp.asarray(t, jnp.int32), gamma))
+        np.testing.assert_allclose(got, expected, rtol=RTOL)
+        assert got[0] < 0.01 and got[-1] == 1.0  # nearly clean timesteps weigh little, noisy ones fully

@@ -273,3 +273,59 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "unknown topology 'tpu-8'" in capsys.readouterr().err
     assert main(["train", tiny, "train.stage=0", "train.data=/nowhere", "--workdir", str(tmp_path)]) == 2
     assert "stage 0 reads only 'synthetic'" in capsys.readouterr().err
+
+
+class _LossProbe:
+    """Stands in for the stage-1 bundle: latents are the image, and the 'UNet' predicts the timestep
+    itself as the noise, so each row's MSE ≈ t² tells which t the loss drew."""
+
+    class vae:
+        @staticmethod
+        def encode_latents(x, key):
+            return jnp.concatenate([x, x[..., :1]], axis=-1)
+
+    @staticmethod
+    def detokenizer(features):
+        return features, features[:, 0]
+
+    @staticmethod
+    def unet(noisy, t, ctx, text_embeds, time_ids):
+        return jnp.broadcast_to(t.astype(jnp.float32)[:, None, None, None], noisy.shape)
+
+
+def test_denoising_loss_timestep_bias_and_min_snr():
+    from seed_story_jax import schedulers as sch
+    from seed_story_jax.config import SchedulerConfig
+    from seed_story_jax.train.stage1 import Timesteps, denoising_loss
+
+    cfg = SchedulerConfig()
+    img, feats = jnp.zeros((16, 4, 4, 3)), jnp.ones((16, 2, 8))
+
+    def loss(ts, key=0):
+        return jax.jit(lambda k: denoising_loss(_LossProbe, feats, img, None, k, cfg, timesteps=ts))(
+            jax.random.key(key))
+
+    plain, m = loss(Timesteps())
+    assert float(plain) == float(m["mse"]) and 1e4 < float(plain) < 1e6  # uniform t: mean t² ≈ 3.3e5
+    only = Timesteps(bias="range", multiplier=1e12, begin=990, end=1000)  # every draw in [990, 1000)
+    mse = float(loss(only)[1]["mse"])
+    assert 989.0 ** 2 < mse < 1001.0 ** 2
+    # one timestep (t = 500): the loss is the MSE × min(SNR, γ)/SNR there, the metric stays the MSE
+    at500 = dict(bias="range", multiplier=1e12, begin=500, end=501)
+    w = float(sch.min_snr_weight(sch.alphas_cumprod(cfg), jnp.array([500]), 0.05)[0])
+    assert w < 1.0
+    weighted, m = loss(Timesteps(**at500, snr_gamma=0.05))
+    assert float(weighted) == pytest.approx(float(m["mse"]) * w, rel=1e-5)
+    assert float(loss(Timesteps(**at500, snr_gamma=1e6))[0]) == pytest.approx(float(m["mse"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(timestep_bias="latest"), "timestep_bias must be"),
+    (dict(timestep_bias_multiplier=0.0), "timestep_bias_multiplier"),
+    (dict(timestep_bias_portion=0.0), "timestep_bias_portion"),
+    (dict(timestep_bias_begin=500, timestep_bias_end=500), "timestep_bias_begin"),
+    (dict(snr_gamma=-1.0), "snr_gamma"),
+])
+def test_timestep_options_are_checked(over, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(stage=1, **over).validate()

@@ -24,6 +24,7 @@ from seed_story_jax import cli
 from seed_story_jax.checkpoint import read_config
 from seed_story_jax.config import CONFIG_DIR, SeedStoryConfig, ViTConfig, dump_config, load_config
 from seed_story_jax.models import vit as V
+from tests.init_stats import assert_init_like, qwen_resampler_init_
 
 TOL = 1e-5
 TINY = ViTConfig(image_size=112, patch_size=14, width=64, layers=2, heads=4, mlp_width=128, output_dim=128,
@@ -335,3 +336,19 @@ def test_encode_command(tmp_path, tiny, capsys):
     out2 = tmp_path / "feats2.npy"
     assert cli.main(["encode", "--ckpt", str(ckpt), paths[0], str(bad), "--out", str(out2)]) == 2
     assert "bad.jpg" in capsys.readouterr().err and not out2.exists()
+
+
+def test_random_init_is_the_originals():
+    """A ViT trained or frozen from scratch (the demo's) starts as the original would: torch's
+    defaults for the patch conv and the blocks' nn.Linear, N(0, 1)-scaled tables, and the pool's own
+    init (Qwen-VL's Resampler._init_weights: trunc_normal(0.02) on nn.Linear, written here; the MHA
+    in_proj xavier_uniform)."""
+    torch.manual_seed(0)
+    ref = R.from_config(TINY)
+    qwen_resampler_init_(ref.attn_pool)
+    theirs = CV.from_torch(_state_dict(ref), TINY)
+    from flax import nnx
+
+    with nnx.use_eager_sharding(False):
+        ours = nnx.state(V.QwenViT(TINY, rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict()
+    assert_init_like(ours, theirs)

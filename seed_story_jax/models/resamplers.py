@@ -17,7 +17,7 @@ from flax import nnx
 
 from seed_story_jax.config import QwenResamplerConfig, ResamplerXLV2Config
 from seed_story_jax.nn.attention import attention
-from seed_story_jax.nn.params import dtype_of, linear, param
+from seed_story_jax.nn.params import dtype_of, linear, mha_in_proj_init, param, torch_default_init
 from seed_story_jax.nn.posemb import sincos_2d, torch_bicubic_resize
 
 
@@ -103,9 +103,12 @@ class QwenResampler(nnx.Module):
         self.ln_q = layer_norm(rngs, embed_dim, eps, param_dtype)
         self.ln_kv = layer_norm(rngs, embed_dim, eps, param_dtype)
         # nn.MultiheadAttention's in_proj [q; k; v] split into three projections, plus out_proj.
-        self.q_proj = linear(rngs, embed_dim, embed_dim, ("embed", "heads"), use_bias=True, **lin)
-        self.k_proj = linear(rngs, embed_dim, embed_dim, ("embed", "heads"), use_bias=True, **lin)
-        self.v_proj = linear(rngs, embed_dim, embed_dim, ("embed", "heads"), use_bias=True, **lin)
+        # The original's init (a model trained from scratch starts as it would): _init_weights puts
+        # trunc_normal(0.02) on every nn.Linear (kv_proj, out_proj); MHA's in_proj is xavier_uniform.
+        inp = dict(use_bias=True, kernel_init=mha_in_proj_init(embed_dim), **lin)
+        self.q_proj = linear(rngs, embed_dim, embed_dim, ("embed", "heads"), **inp)
+        self.k_proj = linear(rngs, embed_dim, embed_dim, ("embed", "heads"), **inp)
+        self.v_proj = linear(rngs, embed_dim, embed_dim, ("embed", "heads"), **inp)
         self.out_proj = linear(rngs, embed_dim, embed_dim, ("heads", "embed"), use_bias=True, **lin)
 
     @classmethod
@@ -152,7 +155,7 @@ class PerceiverAttention(nnx.Module):
 
     def __init__(self, dim: int, dim_head: int, heads: int, eps: float, *, param_dtype, dtype, rngs):
         inner = dim_head * heads
-        lin = dict(param_dtype=param_dtype, dtype=dtype)
+        lin = dict(param_dtype=param_dtype, dtype=dtype, kernel_init=torch_default_init)  # nn.Linear default
         self.heads, self.dim_head, self.dtype = heads, dim_head, dtype_of(dtype)
         self.norm1 = layer_norm(rngs, dim, eps, param_dtype)
         self.norm2 = layer_norm(rngs, dim, eps, param_dtype)
@@ -181,7 +184,7 @@ class FeedForward(nnx.Module):
     """LayerNorm → Linear (no bias) → exact GELU → Linear (no bias)."""
 
     def __init__(self, dim: int, mult: int, eps: float, *, param_dtype, dtype, rngs):
-        lin = dict(param_dtype=param_dtype, dtype=dtype)
+        lin = dict(param_dtype=param_dtype, dtype=dtype, kernel_init=torch_default_init)
         self.dtype = dtype_of(dtype)
         self.norm = layer_norm(rngs, dim, eps, param_dtype)
         self.fc1 = linear(rngs, dim, dim * mult, ("embed", "mlp"), **lin)
@@ -197,7 +200,7 @@ class AttentionPool(nnx.Module):
     scale 1/sqrt(dim/heads)); only token 0's output is returned, so only its query is computed."""
 
     def __init__(self, seq_len: int, dim: int, heads: int, out_dim: int, *, param_dtype, dtype, rngs):
-        lin = dict(param_dtype=param_dtype, dtype=dtype, use_bias=True)
+        lin = dict(param_dtype=param_dtype, dtype=dtype, use_bias=True, kernel_init=torch_default_init)
         self.heads, self.dtype = heads, dtype_of(dtype)
         self.positional_embedding = param(
             rngs, nnx.initializers.normal(dim**-0.5), (seq_len + 1, dim), ("queries", "embed"), param_dtype)
@@ -229,7 +232,7 @@ class ResamplerXLV2(nnx.Module):
         self.latents = param(rngs, nnx.initializers.normal(dim**-0.5), (1, cfg.num_queries, dim),
                              (None, "queries", "embed"), pd)
         self.proj_in = linear(rngs, cfg.embedding_dim, dim, ("embed", "embed"), use_bias=True,
-                              param_dtype=pd, dtype=dt)
+                              param_dtype=pd, dtype=dt, kernel_init=torch_default_init)
         self.layers = nnx.List([
             nnx.Dict(attn=PerceiverAttention(dim, cfg.dim_head, cfg.heads, cfg.eps, **kw),
                      ff=FeedForward(dim, cfg.ff_mult, cfg.eps, **kw))
@@ -237,9 +240,9 @@ class ResamplerXLV2(nnx.Module):
         ])
         self.norm_out = layer_norm(rngs, dim, cfg.eps, pd)
         self.unet_proj_1 = linear(rngs, dim, cfg.output1_dim, ("embed", "embed"), use_bias=True,
-                                  param_dtype=pd, dtype=dt)
+                                  param_dtype=pd, dtype=dt, kernel_init=torch_default_init)
         self.unet_proj_2 = linear(rngs, dim, cfg.output2_dim, ("embed", "embed"), use_bias=True,
-                                  param_dtype=pd, dtype=dt)
+                                  param_dtype=pd, dtype=dt, kernel_init=torch_default_init)
         self.unet_attnpool = AttentionPool(cfg.num_queries, dim, cfg.heads, cfg.output2_dim, **kw)
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:

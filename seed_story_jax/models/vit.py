@@ -32,7 +32,7 @@ from seed_story_jax.checkpoint import int_keys
 from seed_story_jax.config import ViTConfig
 from seed_story_jax.models.resamplers import FrozenParam, QwenResampler, key_pos_table, layer_norm
 from seed_story_jax.nn.attention import attention
-from seed_story_jax.nn.params import dtype_of, linear, param
+from seed_story_jax.nn.params import dtype_of, linear, param, torch_default_init
 from seed_story_jax.nn.posemb import torch_bicubic_resize
 
 # Params that are functions of other params (never exported; recomputed by converters).
@@ -68,7 +68,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
         c, pd = cfg.width, cfg.param_dtype
-        lin = dict(use_bias=True, param_dtype=pd, dtype=cfg.dtype)
+        lin = dict(use_bias=True, param_dtype=pd, dtype=cfg.dtype, kernel_init=torch_default_init)  # nn.Linear default
         self.heads = cfg.heads
         self.dtype = dtype_of(cfg.dtype)
         self.ln_1 = layer_norm(rngs, c, cfg.ln_eps, pd)
@@ -109,7 +109,7 @@ class QwenViT(nnx.Module):
         c, p, pd = cfg.width, cfg.patch_size, cfg.param_dtype
         grid = grid_of(cfg)
 
-        self.conv1 = param(rngs, nnx.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3), (p, p, 3, c),
+        self.conv1 = param(rngs, torch_default_init, (p, p, 3, c),
                            ("kernel_h", "kernel_w", "conv_in", "embed"), pd)
         self.positional_embedding = param(rngs, nnx.initializers.normal(c ** -0.5), (cfg.pos_grid ** 2, c),
                                           ("length", "embed"), pd)

@@ -25,18 +25,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from seed_story_jax.nn.params import dtype_of, linear, param
+from seed_story_jax.nn.params import dtype_of, linear, param, torch_default_init
 
 Padding = Union[int, Sequence[tuple[int, int]]]
 
 
-def torch_conv_init(key, shape, dtype):
-    """torch's Conv2d/Linear default (kaiming_uniform a=√5 → U(±1/√fan_in)) for an HWIO kernel."""
-    fan_in = 1
-    for s in shape[:-1]:
-        fan_in *= s
-    bound = 1.0 / (fan_in ** 0.5)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+torch_conv_init = torch_default_init  # an HWIO kernel: fan_in = H·W·I
 
 
 class Conv2d(nnx.Module):

@@ -5,6 +5,7 @@ Per step, for a batch of single frames:
     features = ViT(frame at vit.image_size, keep-ratio crop)          frozen, no gradient
     latents  = VAE.encode(frame at data.sd_size, SDXL crop).sample · scaling_factor   frozen
     noise ~ N(0, 1);  t ~ U{0 … num_train_timesteps − 1};  noisy = DDPM add_noise (SDXL betas)
+    (train.timestep_bias* draws t from a biased distribution, train.snr_gamma weighs the MSE)
     ctx, pooled = ResamplerXLV2(features)
     ε̂ = UNet(noisy, t, ctx, text_embeds=pooled, time_ids)            loss = mean (ε̂ − noise)²
 
@@ -190,11 +191,40 @@ def vit_features(vit, images: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(f)
 
 
+@dataclasses.dataclass(frozen=True)
+class Timesteps:
+    """How the denoising loss draws and weighs timesteps (train.timestep_bias*, train.snr_gamma;
+    diffusers' SDXL training options). The default is the original's: t uniform, plain MSE."""
+
+    bias: str = "none"
+    multiplier: float = 1.0
+    portion: float = 0.25
+    begin: int = 0
+    end: int = 1000
+    snr_gamma: float = 0.0
+
+    @classmethod
+    def from_train(cls, t) -> "Timesteps":
+        return cls(t.timestep_bias, t.timestep_bias_multiplier, t.timestep_bias_portion, t.timestep_bias_begin,
+                   t.timestep_bias_end, t.snr_gamma)
+
+    def weights(self, scheduler: SchedulerConfig):
+        """Sampling weights (num_train_timesteps,), or None for uniform (the original's draw)."""
+        from seed_story_jax import schedulers as sch
+
+        if self.bias == "none":
+            return None
+        return sch.timestep_bias_weights(scheduler, self.bias, self.multiplier, self.portion, self.begin, self.end)
+
+
 def denoising_loss(model: Bundle, features: jax.Array, sd_image: jax.Array, time_ids: jax.Array, rng,
-                   scheduler: SchedulerConfig, valid: Optional[jax.Array] = None):
+                   scheduler: SchedulerConfig, valid: Optional[jax.Array] = None,
+                   timesteps: Timesteps = Timesteps()):
     """SDXLAdapter.forward's loss (spec §4.3, §5.4): DDPM ε-prediction MSE, fp32, on the VAE latents
     of `sd_image` (B, H, W, 3) in [-1, 1], conditioned on `features` (B, T, D) through the resampler.
-    `valid` (B,) bool: rows that count (mean over them). Returns (loss, metrics)."""
+    `valid` (B,) bool: rows that count (mean over them); `timesteps`: biased draws and Min-SNR
+    weights (each row's MSE × its weight; the metric `mse` stays the unweighted mean). Returns
+    (loss, metrics)."""
     from seed_story_jax import schedulers as sch
     from seed_story_jax.train.rules import constrain
 
@@ -203,16 +233,19 @@ def denoising_loss(model: Bundle, features: jax.Array, sd_image: jax.Array, time
     latents = model.vae.encode_latents(pin(sd_image), k_lat).astype(jnp.float32)
     latents = jax.lax.stop_gradient(pin(latents))
     noise = pin(jax.random.normal(k_noise, latents.shape, jnp.float32))
-    t = sch.sample_timesteps(k_t, latents.shape[0], scheduler)
-    noisy = sch.add_noise(sch.alphas_cumprod(scheduler), latents, noise, t)
+    t = sch.sample_timesteps(k_t, latents.shape[0], scheduler, timesteps.weights(scheduler))
+    table = sch.alphas_cumprod(scheduler)
+    noisy = sch.add_noise(table, latents, noise, t)
     ctx, pooled = model.detokenizer(pin(features))
     eps = pin(model.unet(pin(noisy), t, pin(ctx), text_embeds=pin(pooled), time_ids=time_ids))
     per_row = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise), axis=(1, 2, 3))
-    if valid is None:
-        loss = per_row.mean()
-    else:
-        loss = jnp.sum(jnp.where(valid, per_row, 0.0)) / jnp.maximum(valid.sum(), 1)
-    return loss, {"mse": loss}
+    def mean(x):  # over the valid rows (an invalid row's value is never read: where, not a product)
+        return x.mean() if valid is None else jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+    mse = mean(per_row)
+    if not timesteps.snr_gamma:
+        return mse, {"mse": mse}
+    return mean(per_row * sch.min_snr_weight(table, t, timesteps.snr_gamma)), {"mse": mse}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,10 +253,12 @@ class Stage1Loss:
     """loss_fn(model, batch, rng) of stage 1; hashable by value, so runs share compilations."""
 
     scheduler: SchedulerConfig
+    timesteps: Timesteps = Timesteps()
 
     def __call__(self, model: Bundle, batch: dict, rng):
         feats = vit_features(model.vit, batch["image"])
-        return denoising_loss(model, feats, batch["sd_image"], batch["time_ids"], rng, self.scheduler)
+        return denoising_loss(model, feats, batch["sd_image"], batch["time_ids"], rng, self.scheduler,
+                              timesteps=self.timesteps)
 
 
 # ------------------------------------------------------------------------------ FLOPs
@@ -378,7 +413,7 @@ def stage1_task(cfg: SeedStoryConfig, *, examples: Any = None) -> Task:
         name="stage1",
         build=build,
         trainable=predicate,
-        loss_fn=Stage1Loss(cfg.scheduler),
+        loss_fn=Stage1Loss(cfg.scheduler, Timesteps.from_train(t)),
         examples=examples,
         flops_per_example=f_vit + f_rest,
         flops_note="ViT forward + " + note,

@@ -37,7 +37,7 @@ import jax
 from flax import nnx
 
 from seed_story_jax.config import ConfigError, SchedulerConfig, SeedStoryConfig
-from seed_story_jax.train.stage1 import (DENOISER, _data_key, _f32, build_component, check_denoiser,
+from seed_story_jax.train.stage1 import (DENOISER, Timesteps, _data_key, _f32, build_component, check_denoiser,
                                          denoiser_flops, denoising_loss, story_examples, vit_flops)
 from seed_story_jax.train.stage2 import (PinnedLlama, agent_features, check_agent, llm_flops_per_token,
                                          resampler_flops, story_tokenizer)
@@ -64,10 +64,12 @@ class Stage3Loss:
     """loss_fn(model, batch, rng) of stage 3; hashable by value, so runs share compilations."""
 
     scheduler: SchedulerConfig
+    timesteps: Timesteps = Timesteps()
 
     def __call__(self, model: Bundle, batch: dict, rng):
         rec, valid, agent_cos = regressed_features(model, batch)
-        loss, metrics = denoising_loss(model, rec, batch["sd_image"], batch["time_ids"], rng, self.scheduler, valid)
+        loss, metrics = denoising_loss(model, rec, batch["sd_image"], batch["time_ids"], rng, self.scheduler, valid,
+                                       self.timesteps)
         return loss, {**metrics, "agent_rec_loss": agent_cos}
 
 
@@ -102,7 +104,7 @@ def stage3_task(cfg: SeedStoryConfig, *, tokenizer=None, examples: Any = None) -
         name="stage3",
         build=build,
         trainable=predicate,
-        loss_fn=Stage3Loss(cfg.scheduler),
+        loss_fn=Stage3Loss(cfg.scheduler, Timesteps.from_train(t)),
         examples=examples,
         flops_per_example=flops,
         flops_note=note,
