@@ -438,6 +438,9 @@ class DataConfig:
 TRAINABLE_PRESETS = ("full", "lora", "kv", "unet")
 
 
+TIMESTEP_BIAS = ("none", "earlier", "later", "range")  # diffusers' --timestep_bias_strategy
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training job (spec §5.3, §5.4). Owner: train/.
@@ -475,7 +478,7 @@ class TrainConfig:
     synthetic_examples: int = 4096
     init: str = ""  # a seed-story checkpoint directory to start the params from
     # stages 1 and 3 (the denoising loss), as diffusers' SDXL training script; the defaults are the
-    # original's (t uniform, plain MSE). timestep_bias: none | earlier | later | range
+    # original's (t uniform, plain MSE). timestep_bias: one of TIMESTEP_BIAS
     timestep_bias: str = "none"
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
@@ -498,8 +501,8 @@ class TrainConfig:
         _check(self.dtype in ("",) + DTYPES and self.frozen_dtype in ("",) + DTYPES,
                f"{where}: dtype and frozen_dtype must be empty or one of {DTYPES}")
         _check(self.remat in ("",) + REMAT_POLICIES, f"{where}.remat must be empty or one of {REMAT_POLICIES}")
-        _check(self.timestep_bias in ("none", "earlier", "later", "range"),
-               f"{where}.timestep_bias must be none, earlier, later or range, got {self.timestep_bias!r}")
+        _check(self.timestep_bias in TIMESTEP_BIAS,
+               f"{where}.timestep_bias must be one of {TIMESTEP_BIAS}, got {self.timestep_bias!r}")
         _check(self.timestep_bias_multiplier > 0, f"{where}.timestep_bias_multiplier must be > 0")
         _check(0.0 < self.timestep_bias_portion <= 1.0, f"{where}.timestep_bias_portion must be in (0, 1]")
         _check(0 <= self.timestep_bias_begin < self.timestep_bias_end,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from seed_story_jax.config import SchedulerConfig
+from seed_story_jax.config import TIMESTEP_BIAS, SchedulerConfig
 
 # ---------------------------------------------------------------------------------------------
 # Training tables
@@ -150,8 +150,6 @@ def sample_timesteps(key: jax.Array, batch: int, cfg: SchedulerConfig, weights=N
     logits = jnp.asarray(np.log(w / w.sum()), jnp.float32)
     return jax.random.categorical(key, logits, shape=(batch,)).astype(jnp.int32)
 
-
-TIMESTEP_BIAS = ("none", "earlier", "later", "range")
 
 
 def timestep_bias_weights(cfg: SchedulerConfig, strategy: str = "none", multiplier: float = 1.0,

@@ -29,8 +29,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from seed_story_jax.config import UNetConfig
 from seed_story_jax.nn.attention import attention
-from seed_story_jax.nn.conv import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, torch_conv_init
-from seed_story_jax.nn.params import dtype_of, linear
+from seed_story_jax.nn.conv import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
+from seed_story_jax.nn.params import dtype_of, linear, torch_default_init
 
 TRANSFORMER_GROUPNORM_EPS = 1e-6  # diffusers' Transformer2DModel hard-codes it
 TRANSFORMER_LAYERNORM_EPS = 1e-5  # BasicTransformerBlock's default, the UNet never changes it
@@ -82,7 +82,7 @@ class TimestepEmbedding(nnx.Module):
     """linear_1 → SiLU → linear_2 (diffusers TimestepEmbedding, act silu, no cond/post act)."""
 
     def __init__(self, in_dim: int, dim: int, *, rngs, param_dtype, dtype):
-        kw = dict(use_bias=True, param_dtype=param_dtype, dtype=dtype, kernel_init=torch_conv_init)
+        kw = dict(use_bias=True, param_dtype=param_dtype, dtype=dtype, kernel_init=torch_default_init)
         self.linear_1 = linear(rngs, in_dim, dim, ("embed", "mlp"), **kw)
         self.linear_2 = linear(rngs, dim, dim, ("mlp", "embed"), **kw)
 
@@ -96,7 +96,7 @@ class Attention(nnx.Module):
     def __init__(self, dim: int, heads: int, context_dim: Optional[int] = None, *, rngs, param_dtype, dtype):
         self.heads = heads
         kv_in = context_dim or dim
-        kw = dict(param_dtype=param_dtype, dtype=dtype, kernel_init=torch_conv_init)
+        kw = dict(param_dtype=param_dtype, dtype=dtype, kernel_init=torch_default_init)
         self.to_q = linear(rngs, dim, dim, ("embed", "heads"), use_bias=False, **kw)
         self.to_k = linear(rngs, kv_in, dim, ("embed", "kv_heads"), use_bias=False, **kw)
         self.to_v = linear(rngs, kv_in, dim, ("embed", "kv_heads"), use_bias=False, **kw)
@@ -117,7 +117,7 @@ class FeedForward(nnx.Module):
     """GEGLU: proj (dim → 2·4dim) split into value, gate; value · gelu_exact(gate) → out (4dim → dim)."""
 
     def __init__(self, dim: int, *, rngs, param_dtype, dtype, mult: int = 4):
-        kw = dict(use_bias=True, param_dtype=param_dtype, dtype=dtype, kernel_init=torch_conv_init)
+        kw = dict(use_bias=True, param_dtype=param_dtype, dtype=dtype, kernel_init=torch_default_init)
         self.proj = linear(rngs, dim, 2 * mult * dim, ("embed", "mlp"), **kw)
         self.out = linear(rngs, mult * dim, dim, ("mlp", "embed"), **kw)
 
@@ -157,7 +157,7 @@ class Transformer2D(nnx.Module):
         self.remat = remat
         self.norm = GroupNorm(channels, groups, TRANSFORMER_GROUPNORM_EPS, rngs=rngs, param_dtype=param_dtype)
         if use_linear_projection:
-            lk = dict(use_bias=True, param_dtype=param_dtype, dtype=dtype, kernel_init=torch_conv_init)
+            lk = dict(use_bias=True, param_dtype=param_dtype, dtype=dtype, kernel_init=torch_default_init)
             self.proj_in = linear(rngs, channels, channels, ("conv_in", "embed"), **lk)
             self.proj_out = linear(rngs, channels, channels, ("embed", "conv_out"), **lk)
         else:

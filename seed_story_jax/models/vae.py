@@ -16,8 +16,8 @@ from flax import nnx, struct
 
 from seed_story_jax.config import VAEConfig
 from seed_story_jax.nn.attention import attention
-from seed_story_jax.nn.conv import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, torch_conv_init
-from seed_story_jax.nn.params import dtype_of, linear
+from seed_story_jax.nn.conv import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
+from seed_story_jax.nn.params import dtype_of, linear, torch_default_init
 
 EPS = 1e-6  # every VAE norm (resnets, attention, conv_norm_out)
 
@@ -52,7 +52,7 @@ class AttentionBlock(nnx.Module):
     def __init__(self, channels: int, groups: int, *, rngs: nnx.Rngs, param_dtype, dtype):
         self.dtype = dtype_of(dtype)
         self.group_norm = GroupNorm(channels, groups, EPS, rngs=rngs, param_dtype=param_dtype)
-        kw = dict(use_bias=True, param_dtype=param_dtype, dtype=dtype, kernel_init=torch_conv_init)
+        kw = dict(use_bias=True, param_dtype=param_dtype, dtype=dtype, kernel_init=torch_default_init)
         self.to_q = linear(rngs, channels, channels, ("embed", "heads"), **kw)
         self.to_k = linear(rngs, channels, channels, ("embed", "heads"), **kw)
         self.to_v = linear(rngs, channels, channels, ("embed", "heads"), **kw)

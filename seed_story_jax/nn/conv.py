@@ -30,8 +30,6 @@ from seed_story_jax.nn.params import dtype_of, linear, param, torch_default_init
 Padding = Union[int, Sequence[tuple[int, int]]]
 
 
-torch_conv_init = torch_default_init  # an HWIO kernel: fan_in = H·W·I
-
 
 class Conv2d(nnx.Module):
     """2-D convolution, NHWC in/out, HWIO kernel. `padding`: an int (same on all sides, torch's
@@ -55,7 +53,7 @@ class Conv2d(nnx.Module):
             tuple(p) for p in padding)
         self.dtype = dtype_of(dtype)
         shape = (kernel_size, kernel_size, in_channels, out_channels)
-        self.kernel = param(rngs, torch_conv_init, shape, ("kernel_h", "kernel_w", "conv_in", "conv_out"), param_dtype)
+        self.kernel = param(rngs, torch_default_init, shape, ("kernel_h", "kernel_w", "conv_in", "conv_out"), param_dtype)
         if use_bias:
             fan_in = in_channels * kernel_size * kernel_size
 
@@ -127,7 +125,7 @@ class ResnetBlock2D(nnx.Module):
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, **kw)
         if temb_channels is not None:
             self.time_emb_proj = linear(rngs, temb_channels, out_channels, ("embed", "conv_out"), use_bias=True,
-                                        kernel_init=torch_conv_init, **_pd(param_dtype, dtype))
+                                        kernel_init=torch_default_init, **_pd(param_dtype, dtype))
         else:
             self.time_emb_proj = None
         self.norm2 = GroupNorm(out_channels, groups, eps, rngs=rngs, param_dtype=param_dtype)

@@ -239,6 +239,7 @@ def denoising_loss(model: Bundle, features: jax.Array, sd_image: jax.Array, time
     ctx, pooled = model.detokenizer(pin(features))
     eps = pin(model.unet(pin(noisy), t, pin(ctx), text_embeds=pin(pooled), time_ids=time_ids))
     per_row = jnp.mean(jnp.square(eps.astype(jnp.float32) - noise), axis=(1, 2, 3))
+
     def mean(x):  # over the valid rows (an invalid row's value is never read: where, not a product)
         return x.mean() if valid is None else jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(valid.sum(), 1)
 
