@@ -151,7 +151,6 @@ def sample_timesteps(key: jax.Array, batch: int, cfg: SchedulerConfig, weights=N
     return jax.random.categorical(key, logits, shape=(batch,)).astype(jnp.int32)
 
 
-
 def timestep_bias_weights(cfg: SchedulerConfig, strategy: str = "none", multiplier: float = 1.0,
                           portion: float = 0.25, begin: int = 0, end: int = 1000) -> np.ndarray:
     """Sampling weights over the training timesteps, diffusers' `generate_timestep_weights`

@@ -30,7 +30,6 @@ from seed_story_jax.nn.params import dtype_of, linear, param, torch_default_init
 Padding = Union[int, Sequence[tuple[int, int]]]
 
 
-
 class Conv2d(nnx.Module):
     """2-D convolution, NHWC in/out, HWIO kernel. `padding`: an int (same on all sides, torch's
     `padding=`) or explicit ((top, bottom), (left, right))."""
