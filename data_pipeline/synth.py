@@ -383,19 +383,46 @@ def draw_frame(story: _Story, size: int):
     return img, truth
 
 
-def make_story(seed: int, index: int, frames: int, size: int, options: Optional[SynthOptions] = None):
-    """Deterministic in (seed, index, options): (list of PIL images, captions, truths)."""
+def _play(seed: int, index: int, frames: int, options: Optional[SynthOptions]):
+    """The story of (seed, index, options), frame by frame: yields (t, state, caption)."""
     o = options or SynthOptions()
     rng = np.random.default_rng([seed, index])
     story = _Story(rng, n_chars=int(rng.integers(o.min_chars, o.max_chars + 1)), options=o)
-    images, captions, truths = [], [], []
     for t in range(frames):
-        caption = story.intro() if t == 0 else story.step()
+        yield t, story, story.intro() if t == 0 else story.step()
+
+
+def make_story(seed: int, index: int, frames: int, size: int, options: Optional[SynthOptions] = None):
+    """Deterministic in (seed, index, options): (list of PIL images, captions, truths)."""
+    images, captions, truths = [], [], []
+    for _, story, caption in _play(seed, index, frames, options):
         img, truth = draw_frame(story, size)
         images.append(img)
         captions.append(caption)
         truths.append(truth)
     return images, captions, truths
+
+
+def recoloured_frames(seed: int, index: int, frames: int, size: int, options: Optional[SynthOptions],
+                      names_at: dict) -> dict:
+    """Frame t → make_story's frame t with the characters `names_at[t]` in colours no character of
+    the story has (the j-th named at t gets the unused colour (t + j) mod their number): what a
+    painter that lost those characters' look would at best paint. The story itself is unchanged."""
+    out = {}
+    for t, story, _ in _play(seed, index, frames, options):
+        if t not in names_at:
+            continue
+        unused = [k for k in COLOURS if k not in {c.colour for c in story.chars}]
+        if not unused:
+            raise ValueError(f"story {index}: every colour is taken, none left to recolour with")
+        chars = [c for c in story.chars if c.name in set(names_at[t])]
+        saved = [c.colour for c in chars]
+        for j, c in enumerate(chars):
+            c.colour = unused[(t + j) % len(unused)]
+        out[t], _ = draw_frame(story, size)
+        for c, colour in zip(chars, saved):
+            c.colour = colour
+    return out
 
 
 def _png(img) -> bytes:

@@ -682,11 +682,24 @@ def table2(models: Models, runner: StoryRunner, options: EvalOptions, *, size: i
     and come back unnamed-look). Besides all frames and the last fifth, the feature cosine is
     reported on the *return frames* — frames where a character is back after being away — as the
     mean over stories ± its standard error, and, for every policy, the per-story difference from
-    `options.reference_policy` on the same frames (mean ± stderr: a paired comparison)."""
+    `options.reference_policy` on the same frames (mean ± stderr: a paired comparison). The look
+    margin on return frames (`return_frames_look_margin`) asks whether the returning characters'
+    look, told only before they left, is recalled: centred cosine to the true frame minus that to
+    the same frame with them recoloured (`..._of_truth`: what the true features score)."""
+    from data_pipeline.synth import SynthOptions, recoloured_frames
+
     longest = max(options.table_frames)
-    stories = long_synthetic_stories(options.table_stories, longest, size, options.seed,
-                                     {**(synth or {}), **dict(options.table_synth or {})})
+    synth = {**(synth or {}), **dict(options.table_synth or {})}
+    stories = long_synthetic_stories(options.table_stories, longest, size, options.seed, synth)
     truth_feats = {st.key: models.judge.features(st.images[1:]) for st in stories}
+    # Each return frame once more with the returning characters recoloured (same story otherwise):
+    # a prediction nearer the true frame than this one carries the look the story told long ago.
+    recoloured = {}
+    for i, st in enumerate(stories):
+        back = returning(st.truths)
+        frames_rc = recoloured_frames(options.seed, i, longest, size, SynthOptions.from_dict(synth), back)
+        recoloured[st.key] = {t: f for t, f in zip(sorted(back), models.judge.features(
+            [frames_rc[t] for t in sorted(back)]))} if back else {}
     rows, per_story = [], {}
     for frames in options.table_frames:
         for policy in options.policies:
@@ -699,11 +712,14 @@ def table2(models: Models, runner: StoryRunner, options: EvalOptions, *, size: i
                                         "last_frames_feature_cosine_centred") if k in m}}
             if "characters" in m:
                 row["character_accuracy"] = m["characters"]["character_accuracy"]
-            ret = return_frame_cosines(cut, outs, [truth_feats[st.key][:frames - 1] for st in cut])
+            ret = return_frame_cosines(cut, outs, [truth_feats[st.key][:frames - 1] for st in cut],
+                                       [recoloured[st.key] for st in cut])
             per_story[(frames, policy)] = ret
             for name, vals in ret.items():
                 row.update(_mean_stderr(f"return_frames_{name}", [v for v in vals if v is not None]))
             row["return_frames"] = int(sum(len(return_frames(st.truths)) for st in cut if st.truths))
+            row.update(_mean_stderr("return_frames_look_margin_of_truth", look_margin_of_truth(
+                cut, [truth_feats[st.key][:frames - 1] for st in cut], [recoloured[st.key] for st in cut])))
             rows.append(row)
     ref = options.reference_policy
     for row in rows:
@@ -717,37 +733,68 @@ def table2(models: Models, runner: StoryRunner, options: EvalOptions, *, size: i
     return rows
 
 
-def return_frames(truths: Sequence[dict]) -> list[int]:
-    """Indices of the frames in which some character is back on stage after being away: present
-    in an earlier frame, absent from the one before."""
-    seen, prev, out = set(), set(), []
-    for t, tr in enumerate(truths):
-        names = {c["name"] for c in tr["characters"]}
-        if t > 0 and any(n in seen and n not in prev for n in names):
-            out.append(t)
-        seen |= names
-        prev = names
+def returning(truths: Optional[Sequence[dict]]) -> dict[int, list[str]]:
+    """Frame index → the characters back on stage in it after being away: present in an earlier
+    frame, absent from the one before."""
+    seen, prev, out = set(), set(), {}
+    for t, tr in enumerate(truths or []):
+        names = [c["name"] for c in tr["characters"]]
+        back = [n for n in names if n in seen and n not in prev]
+        if t > 0 and back:
+            out[t] = back
+        seen |= set(names)
+        prev = set(names)
     return out
 
 
+def return_frames(truths: Optional[Sequence[dict]]) -> list[int]:
+    """Indices of the frames in which some character is back on stage after being away."""
+    return sorted(returning(truths))
+
+
 def return_frame_cosines(stories: Sequence[EvalStory], outputs: Sequence[GeneratedStory],
-                         truth_features: Sequence[np.ndarray]) -> dict[str, list]:
+                         truth_features: Sequence[np.ndarray],
+                         recoloured: Optional[Sequence[dict]] = None) -> dict[str, list]:
     """Per story: mean feature cosine (raw, and centred on the run's means over all frames) of the
-    regressed features on its return frames; None for a story without one."""
+    regressed features on its return frames; None for a story without one. With `recoloured`
+    (per story: return frame → the judge's features of it with the returning characters in other
+    colours) also the look margin: centred cosine to the true frame − to the recoloured one."""
     preds = np.concatenate([np.asarray(o.features, np.float64) for o in outputs])
     trues = np.concatenate([np.asarray(t, np.float64) for t in truth_features])
     pm, tm = preds.mean(axis=0), trues.mean(axis=0)
-    raw, centred = [], []
-    for st, out, tf in zip(stories, outputs, truth_features):
-        idx = [t - 1 for t in return_frames(st.truths or [])]  # frame t is output t − 1
-        if not idx:
-            raw.append(None)
-            centred.append(None)
+    out = {"feature_cosine": [], "feature_cosine_centred": []}
+    if recoloured is not None:
+        out["look_margin"] = []
+    for k, (st, gen, tf) in enumerate(zip(stories, outputs, truth_features)):
+        frames = return_frames(st.truths)
+        if not frames:
+            for v in out.values():
+                v.append(None)
             continue
-        p, t = np.asarray(out.features, np.float64)[idx], np.asarray(tf, np.float64)[idx]
-        raw.append(feature_cosine(p, t))
-        centred.append(feature_cosine(p - pm, t - tm))
-    return {"feature_cosine": raw, "feature_cosine_centred": centred}
+        idx = [t - 1 for t in frames]  # frame t is output t − 1
+        p, t = np.asarray(gen.features, np.float64)[idx], np.asarray(tf, np.float64)[idx]
+        out["feature_cosine"].append(feature_cosine(p, t))
+        out["feature_cosine_centred"].append(feature_cosine(p - pm, t - tm))
+        if recoloured is not None:
+            rc = np.stack([recoloured[k][f] for f in frames]).astype(np.float64)
+            out["look_margin"].append(feature_cosine(p - pm, t - tm) - feature_cosine(p - pm, rc - tm))
+    return out
+
+
+def look_margin_of_truth(stories: Sequence[EvalStory], truth_features: Sequence[np.ndarray],
+                         recoloured: Sequence[dict]) -> list[float]:
+    """The look margin the true features themselves get (1 − centred cosine of the true return
+    frames to their recoloured copies): the most a model could score."""
+    trues = np.concatenate([np.asarray(t, np.float64) for t in truth_features])
+    tm = trues.mean(axis=0)
+    out = []
+    for st, tf, rc in zip(stories, truth_features, recoloured):
+        frames = return_frames(st.truths)
+        if frames:
+            t = np.asarray(tf, np.float64)[[f - 1 for f in frames]]
+            r = np.stack([rc[f] for f in frames]).astype(np.float64)
+            out.append(1.0 - feature_cosine(t - tm, r - tm))
+    return out
 
 
 def _mean_stderr(name: str, xs) -> dict:
@@ -850,13 +897,18 @@ def summary_lines(report: dict, baseline: Optional[dict] = None) -> list[str]:
             lines.append("")
             lines.append(f"return frames (a character back after being away; mean over stories ± stderr; "
                          f"Δ: {ref} − this, paired by story):")
-            lines.append(f"{'frames':>6}  {'policy':<16} {'cos':>15} {'centred':>15} {'Δ centred':>15} {'stories':>7}")
+            lines.append(f"{'frames':>6}  {'policy':<16} {'cos':>15} {'centred':>15} {'Δ centred':>15} "
+                         f"{'look':>15} {'Δ look':>15} {'stories':>7}")
             for r in rows:
-                d = next((k for k in r if k.startswith("return_frames_feature_cosine_centred_")
-                          and k.endswith("_minus_this")), None)
+                d, dl = (next((k for k in r if k.startswith(f"return_frames_{m}_") and k.endswith("_minus_this")),
+                              None) for m in ("feature_cosine_centred", "look_margin"))
                 lines.append(f"{r['frames']:>6}  {r['policy']:<16} {_pm(r, 'return_frames_feature_cosine'):>15} "
                              f"{_pm(r, 'return_frames_feature_cosine_centred'):>15} "
-                             f"{(_pm(r, d) if d else '—'):>15} {r['return_frames_feature_cosine_n']:>7}")
+                             f"{(_pm(r, d) if d else '—'):>15} {_pm(r, 'return_frames_look_margin'):>15} "
+                             f"{(_pm(r, dl) if dl else '—'):>15} {r['return_frames_feature_cosine_n']:>7}")
+            truth = rows[0].get("return_frames_look_margin_of_truth")
+            lines.append(f"(look: centred cosine to the true return frame − to it with the returning characters "
+                         f"recoloured; > 0: the look told long ago is recalled; the true features: {_f(truth)})")
     return lines
 
 

@@ -140,6 +140,7 @@ def test_return_frames_and_the_paired_table():
 
     assert E.return_frames([tr("A", "B"), tr("A"), tr("A"), tr("A", "B"), tr("A", "B", "C"), tr("C")]) == [3]
     assert E.return_frames([tr("A"), tr("B"), tr("A", "B")]) == [2]
+    assert E.returning([tr("A", "B"), tr("A"), tr("B", "A"), tr("C")]) == {2: ["B"]}
 
     class Judge:
         def features(self, images):
@@ -151,18 +152,31 @@ def test_return_frames_and_the_paired_table():
 
     rng = np.random.default_rng(0)
 
+    synth_opts = {"away": [3, 4], "min_chars": 3, "size_scale": 1.5}
+
     def runner(stories, policy, frames, *, render=False):
         outs = []
-        for st in stories:
+        for i, st in enumerate(stories):
             true = Judge().features(st.images[1:frames])
-            noise = {"good": 0.05, "bad": 0.5}[policy] * rng.standard_normal(true.shape)
+            if policy == "forgets":  # the truth, but every returning character in the wrong colour
+                back = E.returning(st.truths)
+                rc = synth.recoloured_frames(3, i, frames, 32, synth.SynthOptions(**synth_opts), back)
+                true = true.copy()
+                for t, im in rc.items():
+                    true[t - 1] = Judge().features([im])[0]
+            noise = {"good": 0.05, "bad": 0.5, "forgets": 0.05}[policy] * rng.standard_normal(true.shape)
             outs.append(E.GeneratedStory(frames=None, features=true + noise, seconds=1.0, peak_bytes=1.0))
         return outs
 
-    opts = E.EvalOptions(table_frames=(30,), table_stories=6, policies=("bad", "good"), seed=3,
-                         table_synth={"away": [3, 4], "min_chars": 3}, reference_policy="good")
+    opts = E.EvalOptions(table_frames=(30,), table_stories=6, policies=("bad", "good", "forgets"), seed=3,
+                         table_synth=synth_opts, reference_policy="good")
     rows = E.table2(FakeModels(), runner, opts, size=32)
-    bad, good = rows
+    bad, good, forgets = rows
+    # the look margin: recalled looks score near the truth's own margin, forgotten ones below zero
+    truth = good["return_frames_look_margin_of_truth"]
+    assert truth > 0.05 and good["return_frames_look_margin"] > 0.5 * truth
+    assert forgets["return_frames_look_margin"] < -0.5 * truth
+    assert forgets["return_frames_look_margin_good_minus_this"] > 3 * forgets["return_frames_look_margin_good_minus_this_stderr"]
     assert good["return_frames_feature_cosine_n"] >= 4 and bad["return_frames"] == good["return_frames"] > 0
     assert good["return_frames_feature_cosine"] > bad["return_frames_feature_cosine"]
     d = bad["return_frames_feature_cosine_centred_good_minus_this"]
@@ -170,6 +184,7 @@ def test_return_frames_and_the_paired_table():
     assert d > 3 * se > 0
     assert not any(k.endswith("_minus_this") for k in good)
     assert any("return frames" in line for line in E.summary_lines({"table2": rows}))
+    assert any(line.startswith("(look:") for line in E.summary_lines({"table2": rows}))
 
 
 def _frames(seed=3, frames=6, size=64):

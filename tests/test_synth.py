@@ -74,6 +74,27 @@ def test_timed_returns_do_not_restate_the_look():
         S.SynthOptions(away=(3, 2))
 
 
+def test_recoloured_frames_change_only_the_named_characters():
+    """recoloured_frames redraws frame t with the named characters in colours the story does not
+    use: their pixels change, the background and everyone else stay, the story goes on unchanged."""
+    o = S.SynthOptions(min_chars=3, away=(3, 4), size_scale=1.5, faces=False)
+    images, _, truths = S.make_story(5, 1, 20, 64, o)
+    t = next(k for k, tr in enumerate(truths) if k > 2 and len(tr["characters"]) >= 2)
+    who = truths[t]["characters"][0]
+    rc = S.recoloured_frames(5, 1, 20, 64, o, {t: [who["name"]]})
+    assert set(rc) == {t}
+    a, b = np.asarray(images[t]).astype(int), np.asarray(rc[t]).astype(int)
+    changed = np.abs(a - b).sum(-1) > 0
+    x0, y0, x1, y1 = (min(64, max(0, int(round(v * 64)))) for v in who["bbox"])
+    inside = np.zeros_like(changed)
+    inside[max(0, y0 - 1):y1 + 2, max(0, x0 - 1):x1 + 2] = True
+    assert changed.sum() >= 0.2 * (x1 - x0) * (y1 - y0) and not (changed & ~inside).any()
+    used = {tuple(S.COLOURS[c]) for c in {c["colour"] for tr in truths for c in tr["characters"]}}
+    assert tuple(b[changed].reshape(-1, 3)[0]) not in used
+    again, _, _ = S.make_story(5, 1, 20, 64, o)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(images, again))
+
+
 def test_write_synthetic_records_options(tmp_path):
     o = S.SynthOptions(size_scale=1.5, faces=False)
     S.write_synthetic(tmp_path / "a", stories=2, frames=3, size=32, options=o, progress=False)
