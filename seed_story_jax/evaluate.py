@@ -694,16 +694,22 @@ def table2(models: Models, runner: StoryRunner, options: EvalOptions, *, size: i
     truth_feats = {st.key: models.judge.features(st.images[1:]) for st in stories}
     # Each return frame once more with the returning characters recoloured (same story otherwise):
     # a prediction nearer the true frame than this one carries the look the story told long ago.
-    recoloured = {}
+    recoloured, synth_opts = {}, SynthOptions.from_dict(synth)
     for i, st in enumerate(stories):
         back = returning(st.truths)
-        frames_rc = recoloured_frames(options.seed, i, longest, size, SynthOptions.from_dict(synth), back)
-        recoloured[st.key] = {t: f for t, f in zip(sorted(back), models.judge.features(
-            [frames_rc[t] for t in sorted(back)]))} if back else {}
+        drawn = recoloured_frames(options.seed, i, longest, size, synth_opts, back)
+        order = sorted(drawn)
+        recoloured[st.key] = dict(zip(order, models.judge.features([drawn[t] for t in order]))) if order else {}
     rows, per_story = [], {}
     for frames in options.table_frames:
+        cut = [_truncate(st, frames) for st in stories]
+        truths = [truth_feats[st.key][:frames - 1] for st in cut]
+        rcs = [recoloured[st.key] for st in cut]
+        # what the true features themselves score (the most a model could): policy-independent
+        as_predicted = [GeneratedStory(frames=None, features=t, seconds=0.0, peak_bytes=0.0) for t in truths]
+        truth_margin = _mean_stderr("return_frames_look_margin_of_truth", [
+            v for v in return_frame_cosines(cut, as_predicted, truths, rcs)["look_margin"] if v is not None])
         for policy in options.policies:
-            cut = [_truncate(st, frames) for st in stories]
             outs = runner(cut, policy, frames, render=options.table_render)
             m = generated_metrics(models, cut, outs)
             row = {"policy": policy, "frames": frames, "seconds": m["seconds"] / max(1, len(cut)),
@@ -712,14 +718,12 @@ def table2(models: Models, runner: StoryRunner, options: EvalOptions, *, size: i
                                         "last_frames_feature_cosine_centred") if k in m}}
             if "characters" in m:
                 row["character_accuracy"] = m["characters"]["character_accuracy"]
-            ret = return_frame_cosines(cut, outs, [truth_feats[st.key][:frames - 1] for st in cut],
-                                       [recoloured[st.key] for st in cut])
+            ret = return_frame_cosines(cut, outs, truths, rcs)
             per_story[(frames, policy)] = ret
             for name, vals in ret.items():
                 row.update(_mean_stderr(f"return_frames_{name}", [v for v in vals if v is not None]))
             row["return_frames"] = int(sum(len(return_frames(st.truths)) for st in cut if st.truths))
-            row.update(_mean_stderr("return_frames_look_margin_of_truth", look_margin_of_truth(
-                cut, [truth_feats[st.key][:frames - 1] for st in cut], [recoloured[st.key] for st in cut])))
+            row.update(truth_margin)
             rows.append(row)
     ref = options.reference_policy
     for row in rows:
@@ -773,27 +777,12 @@ def return_frame_cosines(stories: Sequence[EvalStory], outputs: Sequence[Generat
             continue
         idx = [t - 1 for t in frames]  # frame t is output t − 1
         p, t = np.asarray(gen.features, np.float64)[idx], np.asarray(tf, np.float64)[idx]
+        centred = feature_cosine(p - pm, t - tm)
         out["feature_cosine"].append(feature_cosine(p, t))
-        out["feature_cosine_centred"].append(feature_cosine(p - pm, t - tm))
+        out["feature_cosine_centred"].append(centred)
         if recoloured is not None:
             rc = np.stack([recoloured[k][f] for f in frames]).astype(np.float64)
-            out["look_margin"].append(feature_cosine(p - pm, t - tm) - feature_cosine(p - pm, rc - tm))
-    return out
-
-
-def look_margin_of_truth(stories: Sequence[EvalStory], truth_features: Sequence[np.ndarray],
-                         recoloured: Sequence[dict]) -> list[float]:
-    """The look margin the true features themselves get (1 − centred cosine of the true return
-    frames to their recoloured copies): the most a model could score."""
-    trues = np.concatenate([np.asarray(t, np.float64) for t in truth_features])
-    tm = trues.mean(axis=0)
-    out = []
-    for st, tf, rc in zip(stories, truth_features, recoloured):
-        frames = return_frames(st.truths)
-        if frames:
-            t = np.asarray(tf, np.float64)[[f - 1 for f in frames]]
-            r = np.stack([rc[f] for f in frames]).astype(np.float64)
-            out.append(1.0 - feature_cosine(t - tm, r - tm))
+            out["look_margin"].append(centred - feature_cosine(p - pm, rc - tm))
     return out
 
 
