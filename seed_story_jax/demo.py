@@ -75,6 +75,11 @@ class EvalSettings:
     enabled: bool = True
     # generator options of the long stories over the training set's (SynthOptions fields)
     table_synth: dict = dataclasses.field(default_factory=dict)
+    # the teacher-forced look margins (seed_story_jax/looks.py): stories, frames, generator options
+    # over the training set's and looks.DEFAULT_SYNTH
+    look_stories: int = 0
+    look_frames: int = 12
+    look_synth: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,15 +119,22 @@ class DemoSettings:
         synth = dict(tree.pop("synth", None) or {})
         ev_tree = dict(tree.pop("eval", None) or {})
         table_synth = dict(ev_tree.pop("table_synth", None) or {})
+        look_synth = dict(ev_tree.pop("look_synth", None) or {})
         from data_pipeline.synth import SynthOptions
+        from seed_story_jax.looks import DEFAULT_SYNTH
 
-        for where, opts in (("demo.synth", synth), ("demo.eval.table_synth", {**synth, **table_synth})):
+        for where, opts in (("demo.synth", synth), ("demo.eval.table_synth", {**synth, **table_synth}),
+                            ("demo.eval.look_synth", {**synth, **DEFAULT_SYNTH, **look_synth})):
             try:
                 SynthOptions.from_dict(opts)
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"{where}: {e}") from None
         story = from_dict(StorySettings, tree.pop("story", None) or {}, "demo.story")
-        ev = dataclasses.replace(from_dict(EvalSettings, ev_tree, "demo.eval"), table_synth=table_synth)
+        ev = dataclasses.replace(from_dict(EvalSettings, ev_tree, "demo.eval"), table_synth=table_synth,
+                                 look_synth=look_synth)
+        if ev.look_stories < 0 or ev.look_frames < 3:
+            raise ConfigError(f"demo.eval: need look_stories >= 0 and look_frames >= 3, got {ev.look_stories}, "
+                              f"{ev.look_frames}")
         from seed_story_jax.evaluate import POLICIES
 
         for p in (story.policy,) + tuple(ev.policies):
@@ -431,11 +443,13 @@ class Demo:
         ev = self.dc.settings.eval
         opts = E.EvalOptions(split="val", stories=ev.stories, story_frames=ev.frames, table_frames=ev.table_frames,
                              table_stories=ev.table_stories, policies=ev.policies, seed=self.dc.settings.seed + 10_000,
-                             table_synth=ev.table_synth)
+                             table_synth=ev.table_synth, look_stories=ev.look_stories, look_frames=ev.look_frames,
+                             look_synth=ev.look_synth or None)
         reports = {}
-        # The cache-policy table is about the trained model; the random one only needs the metrics.
-        for name, ckpt, o in (("trained", self.model, opts),
-                              ("random_init", self.path("random"), dataclasses.replace(opts, table_frames=()))):
+        # The cache-policy table and the looks are about the trained model; the random one only
+        # needs the metrics.
+        random_opts = dataclasses.replace(opts, table_frames=(), look_stories=0)
+        for name, ckpt, o in (("trained", self.model, opts), ("random_init", self.path("random"), random_opts)):
             self.log(f"evaluating the {name.replace('_', ' ')} model")
             reports[name] = E.evaluate(ckpt, self.path("data"), o, progress=self.progress)
         E.write_report(reports, self.out / "eval.json")

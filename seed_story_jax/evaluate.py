@@ -462,23 +462,28 @@ def story_samples(story: EvalStory, feats: np.ndarray, tokenizer, cfg) -> list[d
     return out
 
 
-def teacher_forced(models: Models, stories: Sequence[EvalStory], *, batch_size: int = 8,
-                   progress: bool = False) -> dict:
-    """Caption CE / perplexity and target-feature cosine over every stage-2 sample of the stories."""
+def teacher_forced_predictions(models: Models, stories: Sequence[EvalStory], *, batch_size: int = 8,
+                               progress: bool = False) -> dict:
+    """Every stage-2 sample of the stories, teacher forced (the model sees the true frames before
+    each target): nll sum, tokens, samples, and per story {target frame → (regressed, true features)}
+    plus the judge's features of all its frames (`features`)."""
     import jax
     from flax import nnx
     from tqdm.auto import tqdm
 
-    samples = []
-    for st in stories:
+    samples, owners, features = [], [], []
+    for i, st in enumerate(stories):
         feats = models.judge.features(st.images[: models.cfg.mllm.max_images])
-        samples += story_samples(st, feats, models.tokenizer, models.cfg)
+        features.append(feats)
+        mine = story_samples(st, feats, models.tokenizer, models.cfg)
+        samples += mine
+        owners += [i] * len(mine)
+    out = {"nll": 0.0, "tokens": 0.0, "samples": len(samples), "targets": [{} for _ in stories],
+           "features": features}
     if not samples:
-        return {"text_ce": math.nan, "perplexity": math.nan, "feature_cosine": math.nan, "tokens": 0, "samples": 0}
+        return out
     run = _teacher_forced_fn(models)
     llm_state, res_state = nnx.split(models.llm)[1], nnx.split(models.mllm)[1]
-    nll = tok = 0.0
-    rec, target = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="eval: teacher forced", disable=not progress,
                       unit="batch"):
         chunk = samples[start:start + batch_size]
@@ -487,15 +492,25 @@ def teacher_forced(models: Models, stories: Sequence[EvalStory], *, batch_size: 
         batch = {k: np.stack([c[k] for c in chunk]) for k in chunk[0] if k != "feats"}
         feats = np.stack([c["feats"] for c in chunk])
         r_nll, r_tok, r_rec, r_has = jax.device_get(run(llm_state, res_state, batch, feats))
-        nll += float(r_nll[:real].sum())
-        tok += float(r_tok[:real].sum())
+        out["nll"] += float(r_nll[:real].sum())
+        out["tokens"] += float(r_tok[:real].sum())
         for i in range(real):
             if r_has[i]:
-                rec.append(r_rec[i])
-                target.append(chunk[i]["feats"][int(np.argmax(chunk[i]["embeds_gen_mask"]))])
-    ce = nll / max(tok, 1.0)
-    out = {"text_ce": ce, "perplexity": perplexity(ce), "tokens": int(tok), "samples": len(samples)}
-    out.update(_cosines(rec, target))
+                t = int(np.argmax(chunk[i]["embeds_gen_mask"]))
+                out["targets"][owners[start + i]][t] = (r_rec[i], chunk[i]["feats"][t])
+    return out
+
+
+def teacher_forced(models: Models, stories: Sequence[EvalStory], *, batch_size: int = 8,
+                   progress: bool = False) -> dict:
+    """Caption CE / perplexity and target-feature cosine over every stage-2 sample of the stories."""
+    tf = teacher_forced_predictions(models, stories, batch_size=batch_size, progress=progress)
+    if not tf["samples"]:
+        return {"text_ce": math.nan, "perplexity": math.nan, "feature_cosine": math.nan, "tokens": 0, "samples": 0}
+    pairs = [pair for per_story in tf["targets"] for _, pair in sorted(per_story.items())]
+    ce = tf["nll"] / max(tf["tokens"], 1.0)
+    out = {"text_ce": ce, "perplexity": perplexity(ce), "tokens": int(tf["tokens"]), "samples": tf["samples"]}
+    out.update(_cosines([p for p, _ in pairs], [t for _, t in pairs]))
     return out
 
 
@@ -645,6 +660,9 @@ class EvalOptions:
     reference_policy: str = "multimodal-sink"  # the long-story table's paired differences are against it
     batch_size: int = 8
     skip_generation: bool = False  # teacher-forced metrics only (no story loop)
+    look_stories: int = 0  # synthetic stories of the teacher-forced look margins (looks.py); 0: none
+    look_frames: int = 12
+    look_synth: Optional[dict] = None  # their generator options, over the held-out set's and looks.DEFAULT_SYNTH
 
 
 def evaluate(models: Models | str | Path, data, options: EvalOptions = EvalOptions(), *,
@@ -656,6 +674,13 @@ def evaluate(models: Models | str | Path, data, options: EvalOptions = EvalOptio
     report: dict = {"checkpoint": str(models.path) if models.path else None, "data": str(data),
                     "split": options.split, "stories": len(stories)}
     report["teacher_forced"] = teacher_forced(models, stories, batch_size=options.batch_size, progress=progress)
+    if options.look_stories:
+        from seed_story_jax import looks
+
+        synth = {**(synth_options(data) or {}), **looks.DEFAULT_SYNTH, **(options.look_synth or {})}
+        report["looks"] = looks.teacher_forced_looks(
+            models, stories=options.look_stories, frames=options.look_frames, size=_story_size(stories),
+            seed=options.seed, synth=synth, batch_size=options.batch_size, progress=progress)
     if not options.skip_generation:
         runner = runner or default_runner(models, progress=progress)
         frames = min(options.story_frames, min(len(s.captions) for s in stories))
@@ -751,6 +776,26 @@ def returning(truths: Optional[Sequence[dict]]) -> dict[int, list[str]]:
     return out
 
 
+def staying(truths: Optional[Sequence[dict]]) -> dict[int, list[str]]:
+    """Frame index → the characters on stage in it and in the frame before."""
+    prev, out = set(), {}
+    for t, tr in enumerate(truths or []):
+        names = [c["name"] for c in tr["characters"]]
+        stay = [n for n in names if n in prev]
+        if t > 0 and stay:
+            out[t] = stay
+        prev = set(names)
+    return out
+
+
+def look_margin(pred, true, recoloured, pred_mean, true_mean) -> float:
+    """Centred feature cosine of `pred` to the true frames minus that to the same frames with some
+    characters recoloured: > 0 when the prediction carries those characters' look."""
+    p = np.asarray(pred, np.float64) - pred_mean
+    return feature_cosine(p, np.asarray(true, np.float64) - true_mean) - \
+        feature_cosine(p, np.asarray(recoloured, np.float64) - true_mean)
+
+
 def return_frames(truths: Optional[Sequence[dict]]) -> list[int]:
     """Indices of the frames in which some character is back on stage after being away."""
     return sorted(returning(truths))
@@ -777,12 +822,10 @@ def return_frame_cosines(stories: Sequence[EvalStory], outputs: Sequence[Generat
             continue
         idx = [t - 1 for t in frames]  # frame t is output t − 1
         p, t = np.asarray(gen.features, np.float64)[idx], np.asarray(tf, np.float64)[idx]
-        centred = feature_cosine(p - pm, t - tm)
         out["feature_cosine"].append(feature_cosine(p, t))
-        out["feature_cosine_centred"].append(centred)
+        out["feature_cosine_centred"].append(feature_cosine(p - pm, t - tm))
         if recoloured is not None:
-            rc = np.stack([recoloured[k][f] for f in frames]).astype(np.float64)
-            out["look_margin"].append(centred - feature_cosine(p - pm, rc - tm))
+            out["look_margin"].append(look_margin(p, t, np.stack([recoloured[k][f] for f in frames]), pm, tm))
     return out
 
 
@@ -868,6 +911,10 @@ def summary_lines(report: dict, baseline: Optional[dict] = None) -> list[str]:
                 ("yes" if (v > b if higher else v < b) else "NO")
             line += f"  {_f(b):>9}  {better}"
         lines.append(line)
+    if report.get("looks"):
+        from seed_story_jax import looks
+
+        lines += looks.summary_lines(report["looks"])
     if report.get("table2"):
         lines.append("")
         lines.append("cache policies on long synthetic stories (Table 2 in miniature):")

@@ -18,6 +18,7 @@ SMALL = [
     "demo.vae.steps=4", "demo.vae.batch_size=4", "demo.stages.1.steps=3", "demo.stages.2.steps=3",
     "demo.stages.3.steps=3", "demo.story.frames=4", "demo.eval.stories=2", "demo.eval.frames=3",
     "demo.eval.table_frames=[6]", "demo.eval.table_stories=1", "demo.eval.policies=[sink,multimodal-sink]",
+    "demo.eval.look_stories=2", "demo.eval.look_frames=5",
     "detokenizer.num_inference_steps=2", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=0",
     "data.batch_size=2",
 ]
@@ -79,6 +80,10 @@ def test_demo_config_errors():
         D.load_demo_config(overrides=["demo.synth.size_scale=9.0"])
     with pytest.raises(ConfigError, match="demo.eval.table_synth"):
         D.load_demo_config(overrides=["demo.eval.table_synth.away=[3,1]"])
+    with pytest.raises(ConfigError, match="demo.eval.look_synth"):
+        D.load_demo_config(overrides=["demo.eval.look_synth.away=[3,1]"])
+    with pytest.raises(ConfigError, match="look_frames"):
+        D.load_demo_config(overrides=["demo.eval.look_frames=2"])
     with pytest.raises(ConfigError, match="demo.vae.loss"):
         D.load_demo_config(overrides=["demo.vae.loss=l3"])
 
@@ -149,6 +154,7 @@ def test_small_demo_end_to_end_and_cached(tmp_path):
         # the cache-policy table is the trained model's (the random one only needs the metrics)
         assert ({row["policy"] for row in r["table2"]} == {"sink", "multimodal-sink"}) if name == "trained" \
             else "table2" not in r
+        assert (r["looks"]["stories"] == 2 and r["looks"]["targets"] > 0) if name == "trained" else "looks" not in r
         assert r["generated"]["frames"] == 3
     last = json.loads((out / "work" / "last_run.json").read_text())
     assert not last["cached_model"] and {"stage1", "stage2", "stage3", "vae"} <= set(last["timings_s"])

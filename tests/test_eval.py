@@ -187,6 +187,53 @@ def test_return_frames_and_the_paired_table():
     assert any(line.startswith("(look:") for line in E.summary_lines({"table2": rows}))
 
 
+def test_look_margins_score_carried_and_lost_looks():
+    """looks.look_margins on synthetic stories with the 4×4 judge: the truth scores its own margin,
+    a prediction that carries the looks scores near it, one that draws the characters in other
+    colours scores below zero; repeating the previous frame carries a staying character's look and
+    not a returning one's (it was away)."""
+    from seed_story_jax import looks
+
+    judge = lambda ims: np.stack([np.asarray(im.resize((4, 4)), np.float64).reshape(16, 3) / 255.0  # noqa: E731
+                                  for im in ims])
+    opts = {"away": [2, 3], "min_chars": 3, "size_scale": 1.5}
+    stories = E.long_synthetic_stories(8, 12, 32, 5, opts)
+    features = [judge(st.images) for st in stories]
+    recoloured = {kind: [] for kind in looks.KINDS}
+    for kind, pick in looks.KINDS.items():
+        for i, st in enumerate(stories):
+            drawn = synth.recoloured_frames(5, i, 12, 32, synth.SynthOptions(**opts), pick(st.truths))
+            recoloured[kind].append({t: judge([im])[0] for t, im in drawn.items()})
+    rng = np.random.default_rng(0)
+    noisy = lambda x: x + 0.03 * rng.standard_normal(x.shape)  # noqa: E731
+
+    def score(predict):
+        targets = [{t: (predict(i, t), features[i][t]) for t in range(1, 12)} for i in range(len(stories))]
+        return looks.look_margins(stories, targets, features, recoloured)
+
+    keeps = score(lambda i, t: noisy(features[i][t]))
+    loses = score(lambda i, t: noisy(recoloured["staying"][i].get(t, features[i][t])))
+    for kind in looks.KINDS:
+        truth = keeps[kind]["truth"]
+        assert keeps[kind]["frames"] > 0 and truth > 0.05
+        assert keeps[kind]["model"] > 0.7 * truth, (kind, keeps[kind])
+    assert loses["staying"]["model"] < -0.5 * loses["staying"]["truth"]
+    assert keeps["staying"]["repeat_previous"] > 0.5 * keeps["staying"]["truth"]
+    assert keeps["returning"]["repeat_previous"] < 0.5 * keeps["returning"]["truth"]
+    assert keeps["feature_cosine_centred"]["truth"] == pytest.approx(1.0)
+    assert keeps["feature_cosine_centred"]["model"] > keeps["feature_cosine_centred"]["repeat_previous"]
+    lines = looks.summary_lines({"stories": 8, "frames": 12, "synth": opts, **keeps})
+    assert any(line.startswith("look margin, returning") for line in lines)
+
+
+def test_staying():
+    def tr(*names):
+        return {"characters": [{"name": n} for n in names]}
+
+    assert E.staying([tr("A", "B"), tr("A"), tr("B", "A"), tr("C")]) == {1: ["A"], 2: ["A"]}
+    assert E.staying([tr("A")]) == {}
+
+
 def _frames(seed=3, frames=6, size=64):
     images, captions, truths = synth.make_story(seed, 0, frames, size)
     return images, captions, truths
@@ -322,7 +369,11 @@ def test_eval_cli_teacher_forced(tiny, tmp_path, capsys):
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["stories"] == 2 and 0 < report["teacher_forced"]["samples"] <= 2 * 5
-    assert "perplexity" in capsys.readouterr().out
+    looks = report["looks"]  # teacher forced too; the default 16 stories
+    assert looks["stories"] == 16 and looks["staying"]["frames"] > 0 and looks["targets"] > 16
+    assert abs(looks["feature_cosine_centred"]["truth"] - 1.0) < 1e-9
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "looks, teacher forced" in printed
     rc = main(["eval", "--ckpt", str(tiny / "ckpt"), "--data", str(tiny / "data"), "--policies", "bogus"])
     assert rc == 2 and "bogus" in capsys.readouterr().err
     rc = main(["eval", "--ckpt", str(tmp_path / "missing"), "--data", str(tiny / "data")])

@@ -9,7 +9,9 @@ stage 2 trains); stories told from each held-out first frame and its captions: f
 style and character consistency (ViT-feature similarity within vs across stories / characters),
 and on synthetic stories exact character accuracy against the generator's ground truth; and the
 cache policies (dense, sink, window, multimodal-sink) on long synthetic stories at 10, 25 and 50
-frames: quality, seconds, peak memory. --data is a `seed-story data synth` directory (its
+frames: quality, seconds, peak memory; and, teacher forced on short synthetic stories, whether the
+model carries a staying or returning character's look (look margins against repeating the previous
+frame and the true features). --data is a `seed-story data synth` directory (its
 val.jsonl by default) or a built dataset."""
 
 
@@ -26,6 +28,9 @@ def add_arguments(p) -> None:
     p.add_argument("--policies", default="dense,sink,window,multimodal-sink", help="cache policies of the table")
     p.add_argument("--table-stories", type=int, default=2, help="long synthetic stories per table cell")
     p.add_argument("--table-render", action="store_true", help="paint the table's frames (adds character accuracy)")
+    p.add_argument("--look-stories", type=int, default=16,
+                   help="synthetic stories of the teacher-forced look margins (0 skips them; default 16)")
+    p.add_argument("--look-frames", type=int, default=12, help="frames per look story (default 12)")
     p.add_argument("--teacher-forced-only", action="store_true", help="only the teacher-forced metrics")
     p.add_argument("--seed", type=int, default=1234, help="seed of the long synthetic stories")
     p.add_argument("--no-progress", action="store_true")
@@ -50,10 +55,13 @@ def run(args) -> int:
         raise ConfigError(f"unknown cache policy {bad[0]!r}; known: {', '.join(E.POLICIES)}")
     if args.stories < 1 or args.frames < 2 or args.table_stories < 1:
         raise ConfigError("--stories and --table-stories must be >= 1 and --frames >= 2")
+    if args.look_stories < 0 or args.look_frames < 3:
+        raise ConfigError("--look-stories must be >= 0 and --look-frames >= 3")
     opts = E.EvalOptions(split=args.split, stories=args.stories, story_frames=args.frames,
                          table_stories=args.table_stories, table_frames=_ints(args.table_frames), policies=policies,
                          table_render=args.table_render, policy=args.policy, seed=args.seed,
-                         skip_generation=args.teacher_forced_only)
+                         skip_generation=args.teacher_forced_only, look_stories=args.look_stories,
+                         look_frames=args.look_frames)
     report = E.evaluate(args.ckpt, args.data, opts, progress=not args.no_progress)
     print("\n".join(E.summary_lines(report)))
     if args.out:
