@@ -18,6 +18,8 @@ Metrics, each a plain function below so it can be tested on constructed inputs:
   ground truth — a character counts as right when its colour covers enough of its expected area
   and its colour centroid lies within `centre_tol` image widths of where the caption put it;
   a frame is exact when every character is right and no other character colour appears;
+* looks (synthetic stories, teacher forced; seed_story_jax/looks.py): whether the regressed
+  features carry a staying or a returning character's look, against repeating the previous frame;
 * Table 2 in miniature (the paper's attention-mechanism comparison): dense, sink, window and
   multimodal-sink caches on long synthetic stories at 10, 25 and 50 frames — quality (feature
   cosine, character accuracy), seconds and peak memory.

@@ -41,6 +41,10 @@ def look_margins(stories: Sequence[EvalStory], targets: Sequence[dict], features
     preds = {"model": {k: targets[k[0]][k[1]][0] for k in keys},
              "repeat_previous": {k: features[k[0]][k[1] - 1] for k in keys},
              "truth": {k: features[k[0]][k[1]] for k in keys}}
+    if not keys:  # every sample longer than the model's context: nothing to score
+        return {"feature_cosine_centred": {src: float("nan") for src in SOURCES},
+                **{kind: {"frames": 0, **{k: v for src in SOURCES for k, v in _mean_stderr(src, []).items()}}
+                   for kind in KINDS}}
     means = {src: np.mean(np.stack(list(v.values())), axis=0).astype(np.float64) for src, v in preds.items()}
     out = {"feature_cosine_centred": {}}
     for src in SOURCES:

@@ -224,6 +224,9 @@ def test_look_margins_score_carried_and_lost_looks():
     assert keeps["feature_cosine_centred"]["model"] > keeps["feature_cosine_centred"]["repeat_previous"]
     lines = looks.summary_lines({"stories": 8, "frames": 12, "synth": opts, **keeps})
     assert any(line.startswith("look margin, returning") for line in lines)
+    empty = looks.look_margins(stories, [{} for _ in stories], features, recoloured)  # no sample fitted
+    assert empty["staying"]["frames"] == 0 and math.isnan(empty["staying"]["model"])
+    assert math.isnan(empty["feature_cosine_centred"]["model"])
 
 
 def test_staying():
