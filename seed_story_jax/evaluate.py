@@ -713,7 +713,7 @@ def table2(models: Models, runner: StoryRunner, options: EvalOptions, *, size: i
     margin on return frames (`return_frames_look_margin`) asks whether the returning characters'
     look, told only before they left, is recalled: centred cosine to the true frame minus that to
     the same frame with them recoloured (`..._of_truth`: what the true features score)."""
-    from data_pipeline.synth import SynthOptions, recoloured_frames
+    from data_pipeline.synth import SynthOptions
 
     longest = max(options.table_frames)
     synth = {**(synth or {}), **dict(options.table_synth or {})}
@@ -721,12 +721,9 @@ def table2(models: Models, runner: StoryRunner, options: EvalOptions, *, size: i
     truth_feats = {st.key: models.judge.features(st.images[1:]) for st in stories}
     # Each return frame once more with the returning characters recoloured (same story otherwise):
     # a prediction nearer the true frame than this one carries the look the story told long ago.
-    recoloured, synth_opts = {}, SynthOptions.from_dict(synth)
-    for i, st in enumerate(stories):
-        back = returning(st.truths)
-        drawn = recoloured_frames(options.seed, i, longest, size, synth_opts, back)
-        order = sorted(drawn)
-        recoloured[st.key] = dict(zip(order, models.judge.features([drawn[t] for t in order]))) if order else {}
+    synth_opts = SynthOptions.from_dict(synth)
+    recoloured = {st.key: recoloured_features(models.judge, options.seed, i, longest, size, synth_opts,
+                                              returning(st.truths)) for i, st in enumerate(stories)}
     rows, per_story = [], {}
     for frames in options.table_frames:
         cut = [_truncate(st, frames) for st in stories]
@@ -762,6 +759,16 @@ def table2(models: Models, runner: StoryRunner, options: EvalOptions, *, size: i
             diffs = [b - a for a, b in zip(mine[name], base[name]) if a is not None and b is not None]
             row.update(_mean_stderr(f"return_frames_{name}_{_slug(ref)}_minus_this", diffs))
     return rows
+
+
+def recoloured_features(judge, seed: int, index: int, frames: int, size: int, options, names_at: dict) -> dict:
+    """Frame t → the judge's features of synthetic story (seed, index)'s frame t with the characters
+    `names_at[t]` recoloured (data_pipeline/synth.recoloured_frames)."""
+    from data_pipeline.synth import recoloured_frames
+
+    drawn = recoloured_frames(seed, index, frames, size, options, names_at)
+    order = sorted(drawn)
+    return dict(zip(order, judge.features([drawn[t] for t in order]))) if order else {}
 
 
 def returning(truths: Optional[Sequence[dict]]) -> dict[int, list[str]]:

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from seed_story_jax.evaluate import (EvalStory, Models, _cosines, _mean_stderr, long_synthetic_stories, look_margin,
-                                     returning, staying, teacher_forced_predictions)
+                                     recoloured_features, returning, staying, teacher_forced_predictions)
 
 KINDS = {"staying": staying, "returning": returning}
 SOURCES = ("model", "repeat_previous", "truth")
@@ -73,19 +73,15 @@ def teacher_forced_looks(models: Models, *, stories: int, frames: int, size: int
                          synth: Optional[dict] = None, batch_size: int = 8, progress: bool = False) -> dict:
     """The look margins of `models` on `stories` synthetic stories of `frames` frames drawn with the
     generator options `synth` (those of the held-out set with short absences laid over)."""
-    from data_pipeline.synth import SynthOptions, recoloured_frames
+    from data_pipeline.synth import SynthOptions
 
     drawn = long_synthetic_stories(stories, frames, size, seed, synth)
     tf = teacher_forced_predictions(models, drawn, batch_size=batch_size, progress=progress)
     opts = SynthOptions.from_dict(synth)
-    recoloured = {kind: [] for kind in KINDS}
-    for kind, pick in KINDS.items():
-        for i, st in enumerate(drawn):
-            names_at = {t: v for t, v in pick(st.truths).items() if t in tf["targets"][i]}
-            images = recoloured_frames(seed, i, frames, size, opts, names_at)
-            order = sorted(images)
-            feats = models.judge.features([images[t] for t in order]) if order else []
-            recoloured[kind].append(dict(zip(order, feats)))
+    recoloured = {kind: [recoloured_features(models.judge, seed, i, frames, size, opts,
+                                             {t: v for t, v in pick(st.truths).items() if t in tf["targets"][i]})
+                         for i, st in enumerate(drawn)]
+                  for kind, pick in KINDS.items()}
     out = {"stories": stories, "frames": frames, "seed": seed, "synth": dict(synth or {}),
            "targets": sum(len(t) for t in tf["targets"])}
     out.update(look_margins(drawn, tf["targets"], tf["features"], recoloured))

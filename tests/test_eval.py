@@ -132,6 +132,13 @@ def test_chance_accuracy_is_the_prior():
     assert math.isnan(E.chance_accuracy(images[:1], truths[:1]))
 
 
+class Judge4:
+    """A judge for constructed tests: each frame's 4×4 thumbnail, 16 RGB tokens in [0, 1]."""
+
+    def features(self, images):
+        return np.stack([np.asarray(im.resize((4, 4)), np.float64).reshape(16, 3) / 255.0 for im in images])
+
+
 def test_return_frames_and_the_paired_table():
     """return_frames finds the frames where someone is back; table2 reports return-frame cosines per
     policy as mean ± stderr over stories and the paired difference from the reference policy."""
@@ -142,12 +149,8 @@ def test_return_frames_and_the_paired_table():
     assert E.return_frames([tr("A"), tr("B"), tr("A", "B")]) == [2]
     assert E.returning([tr("A", "B"), tr("A"), tr("B", "A"), tr("C")]) == {2: ["B"]}
 
-    class Judge:
-        def features(self, images):
-            return np.stack([np.asarray(im.resize((4, 4)), np.float64).reshape(16, 3) / 255.0 for im in images])
-
     class FakeModels:
-        judge = Judge()
+        judge = Judge4()
         cfg = None
 
     rng = np.random.default_rng(0)
@@ -157,13 +160,13 @@ def test_return_frames_and_the_paired_table():
     def runner(stories, policy, frames, *, render=False):
         outs = []
         for i, st in enumerate(stories):
-            true = Judge().features(st.images[1:frames])
+            true = Judge4().features(st.images[1:frames])
             if policy == "forgets":  # the truth, but every returning character in the wrong colour
                 back = E.returning(st.truths)
                 rc = synth.recoloured_frames(3, i, frames, 32, synth.SynthOptions(**synth_opts), back)
                 true = true.copy()
                 for t, im in rc.items():
-                    true[t - 1] = Judge().features([im])[0]
+                    true[t - 1] = Judge4().features([im])[0]
             noise = {"good": 0.05, "bad": 0.5, "forgets": 0.05}[policy] * rng.standard_normal(true.shape)
             outs.append(E.GeneratedStory(frames=None, features=true + noise, seconds=1.0, peak_bytes=1.0))
         return outs
@@ -194,8 +197,7 @@ def test_look_margins_score_carried_and_lost_looks():
     not a returning one's (it was away)."""
     from seed_story_jax import looks
 
-    judge = lambda ims: np.stack([np.asarray(im.resize((4, 4)), np.float64).reshape(16, 3) / 255.0  # noqa: E731
-                                  for im in ims])
+    judge = Judge4().features
     opts = {"away": [2, 3], "min_chars": 3, "size_scale": 1.5}
     stories = E.long_synthetic_stories(8, 12, 32, 5, opts)
     features = [judge(st.images) for st in stories]
