@@ -126,20 +126,12 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
     import orbax.checkpoint as ocp
     from tqdm import tqdm
 
-    from seed_story_jax.train.stages import make_task
-
     t = cfg.train
     workdir = Path(workdir)
     primary = jax.process_index() == 0
-    task = task or make_task(cfg)
-    mesh = make_mesh(cfg.mesh, devices)
-    rules = cfg.mesh.rules
-    tx = make_optimizer(t)
-
-    key = None if task.key is None else (task.key, t, mesh, rules)
-    init, graphdef, state_abs, frozen_abs, state_sh, frozen_sh = _abstract_setup(t, task, key, tx, mesh, rules)
-    # what the initial state depends on (not the schedule, batch or logging)
-    init_key = None if task.key is None else (task.key, t.seed, t.frozen_dtype, t.clip_norm > 0, mesh, rules)
+    p = prepare(cfg, task=task, devices=devices)
+    task, mesh, rules = p.task, p.mesh, p.rules
+    state_abs, frozen_abs, state_sh, frozen_sh = p.state_abs, p.frozen_abs, p.state_sh, p.frozen_sh
 
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -148,16 +140,13 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
     restored = restore_latest(mngr, S.with_shardings(state_abs, state_sh),
                               S.with_shardings(frozen_abs, frozen_sh) if t.save_frozen else None)
     if restored is None:
-        state, frozen = initial_state(cfg, init, init_key, tx, state_abs, frozen_abs, state_sh, frozen_sh)
+        state, frozen = p.initial_state()
     elif restored[3] is not None:
         frozen = restored[3]
     else:  # frozen params are not in the checkpoint: rebuilt from the seed, or from train.init
-        _, frozen = initial_state(cfg, init, init_key, tx, state_abs, frozen_abs, state_sh, frozen_sh,
-                                  frozen_only=True)
+        _, frozen = p.initial_state(frozen_only=True)
 
-    spec = example_spec(task)
-    b = t.batch_size
-    batch_sh = _batch_shardings(spec, b, mesh, rules)
+    b, batch_sh, step_fn = t.batch_size, p.batch_sh, p.step_fn
     rows = D.local_rows(jax.tree.leaves(batch_sh)[0], b)
     if primary and (warning := R.batch_warning(mesh, b, rules)):
         print(f"train: warning: {warning}", file=sys.stderr)
@@ -169,8 +158,6 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
     else:
         start = 0
     last_ckpt = start if restored is not None else None
-
-    step_fn = _step_fn(t, task, key, spec, graphdef, tx, mesh, state_sh, frozen_sh, batch_sh)
 
     writer = MetricsWriter(workdir, enabled=primary)
     stop = {"signal": False}
@@ -281,13 +268,40 @@ def _step_fn(t, task, key, spec, graphdef, tx, mesh, state_sh, frozen_sh, batch_
         state_sh, frozen_sh, batch_sh, mesh))
 
 
-def compile_step(cfg: SeedStoryConfig, *, task=None, devices=None) -> None:
-    """Compile the train step that `run(cfg, ..., task=task)` uses, without running it or reading
-    any checkpoint: the same jitted function (cached per task key and train config), lowered for
-    the same shardings. With JAX's persistent compilation cache on, a later `run` — in this
-    process or another — loads the executable instead of compiling it; the demo compiles later
-    stages' steps in a thread while an earlier stage compiles and trains (XLA compiles on one
-    core). The numbers are the same: one program, compiled once."""
+@dataclasses.dataclass
+class Prepared:
+    """A run's pieces before any state exists: the task, mesh, optimizer, abstract state and
+    shardings, and the jitted step (cached per task key and train config)."""
+
+    cfg: SeedStoryConfig
+    task: Any
+    mesh: Any
+    rules: Any
+    tx: Any
+    init: Any
+    init_key: Any
+    graphdef: Any
+    state_abs: Any
+    frozen_abs: Any
+    state_sh: Any
+    frozen_sh: Any
+    spec: dict
+    batch_sh: Any
+    step_fn: Any
+
+    def initial_state(self, *, frozen_only: bool = False):
+        return initial_state(self.cfg, self.init, self.init_key, self.tx, self.state_abs, self.frozen_abs,
+                             self.state_sh, self.frozen_sh, frozen_only=frozen_only)
+
+    def abstract_args(self):
+        """(state, frozen, batch) as ShapeDtypeStructs with their shardings: what the step takes."""
+        b = self.cfg.train.batch_size
+        batch = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct((b,) + tuple(s[0]), s[1], sharding=sh), self.spec,
+                             self.batch_sh, is_leaf=lambda x: isinstance(x, tuple))
+        return S.with_shardings(self.state_abs, self.state_sh), S.with_shardings(self.frozen_abs, self.frozen_sh), batch
+
+
+def prepare(cfg: SeedStoryConfig, *, task=None, devices=None) -> Prepared:
     from seed_story_jax.train.stages import make_task
 
     t = cfg.train
@@ -296,16 +310,26 @@ def compile_step(cfg: SeedStoryConfig, *, task=None, devices=None) -> None:
     rules = cfg.mesh.rules
     tx = make_optimizer(t)
     key = None if task.key is None else (task.key, t, mesh, rules)
-    _, graphdef, state_abs, frozen_abs, state_sh, frozen_sh = _abstract_setup(t, task, key, tx, mesh, rules)
+    init, graphdef, state_abs, frozen_abs, state_sh, frozen_sh = _abstract_setup(t, task, key, tx, mesh, rules)
+    # what the initial state depends on (not the schedule, batch or logging)
+    init_key = None if task.key is None else (task.key, t.seed, t.frozen_dtype, t.clip_norm > 0, mesh, rules)
     spec = example_spec(task)
-    b = t.batch_size
-    batch_sh = _batch_shardings(spec, b, mesh, rules)
+    batch_sh = _batch_shardings(spec, t.batch_size, mesh, rules)
     step_fn = _step_fn(t, task, key, spec, graphdef, tx, mesh, state_sh, frozen_sh, batch_sh)
-    batch_abs = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct((b,) + tuple(s[0]), s[1], sharding=sh), spec,
-                             batch_sh, is_leaf=lambda x: isinstance(x, tuple))
-    with R.activation_rules(mesh, rules):
-        step_fn.lower(S.with_shardings(state_abs, state_sh), S.with_shardings(frozen_abs, frozen_sh),
-                      batch_abs).compile()
+    return Prepared(cfg, task, mesh, rules, tx, init, init_key, graphdef, state_abs, frozen_abs, state_sh,
+                    frozen_sh, spec, batch_sh, step_fn)
+
+
+def compile_step(cfg: SeedStoryConfig, *, task=None, devices=None) -> None:
+    """Compile the train step that `run(cfg, ..., task=task)` uses, without running it or reading
+    any checkpoint: the same jitted function (cached per task key and train config), lowered for
+    the same shardings. With JAX's persistent compilation cache on, a later `run` — in this
+    process or another — loads the executable instead of compiling it; the demo compiles later
+    stages' steps in a thread while an earlier stage compiles and trains (XLA compiles on one
+    core). The numbers are the same: one program, compiled once."""
+    p = prepare(cfg, task=task, devices=devices)
+    with R.activation_rules(p.mesh, p.rules):
+        p.step_fn.lower(*p.abstract_args()).compile()
 
 
 _JITTED: dict = {}

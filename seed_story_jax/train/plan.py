@@ -136,32 +136,18 @@ def plan(cfg, topo: Topology) -> dict:
     import jax
 
     from seed_story_jax.train import rules as R
-    from seed_story_jax.train import state as S
-    from seed_story_jax.train.mesh import make_mesh
-    from seed_story_jax.train.optim import lr_schedule, make_optimizer
-    from seed_story_jax.train.stages import make_task
-    from seed_story_jax.train.step import jit_train_step, make_train_step
-    from seed_story_jax.train.task import example_spec
+    from seed_story_jax.train.loop import prepare
 
     t = cfg.train
     devices, how = devices_for(topo)
-    task = make_task(cfg)
-    mesh = make_mesh(cfg.mesh, devices)
-    rules = cfg.mesh.rules
-    tx = make_optimizer(t)
-    _, graphdef, state_abs, frozen_abs, state_sh, frozen_sh = S.abstract_setup(
-        task.build, task.trainable, tx, mesh, rules, seed=t.seed, frozen_dtype=t.frozen_dtype)
-    spec = example_spec(task)
+    p = prepare(cfg, devices=devices)
+    task, mesh, rules = p.task, p.mesh, p.rules
+    state_abs, frozen_abs, state_sh, frozen_sh, batch_sh = p.state_abs, p.frozen_abs, p.state_sh, p.frozen_sh, p.batch_sh
     b = t.batch_size
-    batch_abs = {k: jax.ShapeDtypeStruct((b,) + s[0], s[1]) for k, s in spec.items()}
-    batch_sh = {k: R.batch_sharding(mesh, v.shape, rules) for k, v in batch_abs.items()}
-    step = jit_train_step(
-        make_train_step(graphdef, task.loss_fn, tx, grad_accum=t.grad_accum, lr_fn=lr_schedule(t), mesh=mesh,
-                        batch_spec=jax.tree.leaves(batch_sh)[0].spec[:1] or (None,)),
-        state_sh, frozen_sh, batch_sh, mesh)
+    state_in, frozen_in, batch_abs = p.abstract_args()
     t0 = time.perf_counter()
     with R.activation_rules(mesh, rules):
-        lowered = step.lower(state_abs, frozen_abs, batch_abs)
+        lowered = p.step_fn.lower(state_in, frozen_in, batch_abs)
     t1 = time.perf_counter()
     try:
         compiled = lowered.compile()
