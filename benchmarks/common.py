@@ -84,9 +84,12 @@ def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
 
 
 def write_json(path: str | os.PathLike, record: dict) -> Path:
-    """Write atomically (temp file + rename)."""
+    """Write atomically (temp file + rename), stamped with the date it was measured."""
+    import datetime
+
     from seed_story_jax.atomic import atomic_path
 
+    record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), **record}
     path = Path(path)
     with atomic_path(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(record, indent=2, default=str))

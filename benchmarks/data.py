@@ -16,7 +16,6 @@ sample in a single process are reported too: on a shared machine they vary less 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random

@@ -173,7 +173,6 @@ def run_gpu_7b(args) -> dict:
     import dataclasses
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 

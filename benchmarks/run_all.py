@@ -84,6 +84,11 @@ SPECS = {
                   ratio_means="multimodal-sink tokens/s ÷ window tokens/s", higher_is_better=True, goal=10.0, issue=6),
     "convert_memory": Spec("Converting a synthetic ~1 B-parameter HF checkpoint to bf16: peak RSS",
                            ratio_means="peak RSS ÷ output size", higher_is_better=False, goal=1.3, issue=2),
+    "train_step": Spec("Stage-2 training step: frozen ViT + resamplers + LoRA Llama, CE + cosine, AdamW "
+                       "(CPU: 4 layers, d 256, 384 tokens, batch 8, fp32)",
+                       ratio_means="JAX s/step ÷ torch s/step", higher_is_better=False, goal=1.0, issue=8,
+                       ours=lambda r: _get(r, "jax", "step_s", "median", unit=" s/step"),
+                       reference=lambda r: _get(r, "torch", "step_s", "median", unit=" s/step")),
     "train_tiny": Spec("Stage 2 on the tiny config (300 steps): held-out CE and cosine", issue=8,
                        ratio_means="held-out CE ÷ unigram CE"),
 }
@@ -154,6 +159,20 @@ def machine_facts() -> dict:
     return facts
 
 
+def record_date(path: Path, rec: dict) -> str:
+    """When a record was measured: its own `date` (benchmarks/common.py writes one), else the commit that
+    last changed it (a clone's file times are the clone's), else the file time (a new, uncommitted one)."""
+    if isinstance(rec.get("date"), str):
+        return rec["date"][:10]
+    if not subprocess.run(["git", "diff", "--quiet", "HEAD", "--", path.name], cwd=path.parent,
+                          capture_output=True).returncode:
+        out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", path.name], cwd=path.parent,
+                             capture_output=True, text=True).stdout.strip()
+        if out:
+            return out
+    return dt.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d")
+
+
 def load_records() -> dict[str, dict]:
     recs = {}
     for p in sorted(RESULTS_DIR.glob("*.json")):
@@ -164,7 +183,7 @@ def load_records() -> dict[str, dict]:
         if not isinstance(rec, dict):
             rec = {"_error": "not a JSON object"}
         rec["_file"] = p.name
-        rec["_date"] = dt.datetime.fromtimestamp(p.stat().st_mtime).strftime("%Y-%m-%d")
+        rec["_date"] = record_date(p, rec)
         recs[p.stem] = rec
     return recs
 

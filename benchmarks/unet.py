@@ -194,7 +194,6 @@ def cpu(args) -> int:
 
 
 def gpu(args) -> int:
-    import jax
     import jax.numpy as jnp
     import numpy as np
     import torch

@@ -167,7 +167,8 @@ class ContinuousLVLM(nn.Module):
         dim = input_embeds.shape[-1]
         image_embeds_lm = self.input_resampler(image_embeds)
         if embeds_cmp_mask.sum() > 0:
-            input_embeds[ids_cmp_mask] = image_embeds_lm[embeds_cmp_mask].view(-1, dim)
+            # .to: under autocast the resampler gives bf16 and the embedding table fp32
+            input_embeds[ids_cmp_mask] = image_embeds_lm[embeds_cmp_mask].view(-1, dim).to(input_embeds.dtype)
         out = self.llm(inputs_embeds=input_embeds, labels=labels, output_hidden_states=True, return_dict=True)
         last_hidden = out.hidden_states[-1]
         if embeds_gen_mask.sum() > 0:
