@@ -3,6 +3,7 @@
     python -m benchmarks.run_all                 # every CPU benchmark, then GPU variants if a GPU is here
     python -m benchmarks.run_all --only vit,data # a subset
     python -m benchmarks.run_all --report-only   # no runs: rewrite RESULTS.md from benchmarks/results/*.json
+    python -m benchmarks.run_all --gpu-only      # only the GPU variants (on a lent GPU machine)
 
 A benchmark is any `benchmarks/<name>.py` (besides this file and common.py) that accepts `--out`.
 CPU variants run with JAX_PLATFORMS=cpu, so they measure the CPU even on a machine with a GPU. A
@@ -328,6 +329,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip", default="", help="comma-separated benchmark names to leave out")
     p.add_argument("--report-only", action="store_true", help="run nothing; rewrite RESULTS.md from the records")
     p.add_argument("--no-gpu", action="store_true", help="skip GPU variants even when a GPU is present")
+    p.add_argument("--gpu-only", action="store_true",
+                   help="run only the GPU variants (a lent GPU machine's time is short; exit 1 if none is seen)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per benchmark run")
     args = p.parse_args(argv)
     names = discover()
@@ -341,17 +344,20 @@ def main(argv=None) -> int:
     failures = {}
     if not args.report_only:
         RESULTS_DIR.mkdir(exist_ok=True)
-        for n in names:
+        gpu = not args.no_gpu and have_gpu()
+        if args.gpu_only and not gpu:
+            print("--gpu-only: no GPU visible to jax", file=sys.stderr)
+            return 1
+        for n in names if not args.gpu_only else ():
             r = run_one(n, "", args.timeout, gpu=False)
             if r["rc"] != 0:
                 failures[n] = r
-        if not args.no_gpu and have_gpu():
-            for n in names:
-                for flag in gpu_flags(n):
-                    r = run_one(n, flag, args.timeout, gpu=True)
-                    if r["rc"] != 0:
-                        failures[variant_name(n, flag)] = r
-        elif not args.no_gpu:
+        for n in names if gpu else ():
+            for flag in gpu_flags(n):
+                r = run_one(n, flag, args.timeout, gpu=True)
+                if r["rc"] != 0:
+                    failures[variant_name(n, flag)] = r
+        if not gpu and not args.no_gpu:
             print("\n(no GPU visible to jax: GPU variants not run)")
     path = write_report(failures)
     print(f"\nwrote {path}" + (f"; {len(failures)} failed: {', '.join(failures)}" if failures else ""))

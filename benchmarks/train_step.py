@@ -202,7 +202,7 @@ def jax_side(args, overrides) -> dict:
     import jax
 
     from seed_story_jax.profiling import compile_count
-    from seed_story_jax.train import rules as R
+    from seed_story_jax.nn.sharding import activation_rules
     from seed_story_jax.train.loop import prepare
     from seed_story_jax.train.metrics import peak_flops
     from seed_story_jax.train.stages import make_task
@@ -214,7 +214,7 @@ def jax_side(args, overrides) -> dict:
     state, frozen = p.initial_state()
     batch = jax.device_put({k: batch_np[k] for k in p.batch_sh}, p.batch_sh)
     times, losses = [], []
-    with R.activation_rules(p.mesh, p.rules):
+    with activation_rules(p.mesh, p.rules):
         t = time.perf_counter()
         state, metrics = p.step_fn(state, frozen, batch)
         losses.append(float(metrics["loss"]))
@@ -250,7 +250,7 @@ def torch_model(cfg, device):
 
     from convert.torch_ref import qwen_vit
     from tests.torch_ref import agent as ref
-    from tests.torch_ref.resamplers import Resampler
+    from convert.torch_ref.resamplers import Resampler
 
     c, t = cfg.llm, cfg.train
     if t.trainable not in ("lora", "full") or t.trainable_regex:

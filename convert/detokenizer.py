@@ -86,7 +86,6 @@ def from_torch(state_dict: Mapping, cfg: SeedStoryConfig, *, base_unet: Optional
     Every `resampler.*` tensor must be present. `unet.*` tensors are laid over `base_unet`; with no
     base they must be the whole UNet. Keys outside both prefixes, unknown UNet keys and wrong
     shapes are refused with the key named."""
-    import convert.unet as cu
     from convert.io import check_keys
 
     keys = list(state_dict)

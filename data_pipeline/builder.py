@@ -15,11 +15,10 @@ import concurrent.futures as cf
 import hashlib
 import json
 import multiprocessing
-import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 import numpy as np
 

@@ -35,10 +35,8 @@ import copy
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -200,10 +198,6 @@ def load_demo_config(path=None, overrides=()) -> DemoConfig:
 # =============================================================================================
 
 
-class Blocked(RuntimeError):
-    """A piece the demo needs has not landed yet (the message says which)."""
-
-
 @dataclasses.dataclass
 class Demo:
     out: Path
@@ -318,10 +312,6 @@ class Demo:
 
         if is_checkpoint(self.path("init")):
             return
-        try:
-            from seed_story_jax.commands import init as init_cmd  # noqa: F401  (helper "story")
-        except ImportError:
-            raise Blocked("`seed-story init` (seed_story_jax/commands/init.py) has not landed yet") from None
         from seed_story_jax.cli import main
 
         cfg_file = self.work / "config.yaml"
@@ -365,12 +355,7 @@ class Demo:
     def stage_task(self, cfg, k: int):
         from seed_story_jax.train.stages import make_task
 
-        try:
-            task = make_task(cfg)
-        except Exception as e:  # noqa: BLE001 - name the missing piece
-            if "not available yet" in str(e):
-                raise Blocked(f"training stage {k}: {e}") from None
-            raise
+        task = make_task(cfg)
         return dataclasses.replace(task, build=zero_init(task.build))
 
     def stage(self, k: int) -> None:
@@ -656,10 +641,8 @@ def tell_story(ckpt, image, caption: str, out: Path, settings: StorySettings, *,
     """A story of settings.frames frames from (image, caption) — free generation: the model writes
     every later caption and paints every later frame — with its outputs (story.json, story.html,
     storyboard.png, frames/) placed in `out`. Returns story.json's content."""
-    try:
-        from seed_story_jax import story as S  # helper "story"
-    except ImportError:
-        raise Blocked("the story loop (seed_story_jax/story.py) has not landed yet") from None
+    from seed_story_jax import story as S
+
     teller = S.StoryTeller(S.load_story_model(ckpt))
     told = teller.tell([image], [caption], S.StoryOptions(
         frames=settings.frames, policy=settings.policy, temperature=settings.temperature, top_p=settings.top_p,

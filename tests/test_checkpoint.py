@@ -3,7 +3,6 @@ atomic failure, and the llama import's tensor-by-tensor stream (same tree as `fr
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import jax

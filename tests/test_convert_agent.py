@@ -20,7 +20,7 @@ from seed_story_jax.checkpoint import load_component, read_config, read_manifest
 from seed_story_jax.config import load_config, resolve_config_path
 from seed_story_jax.models import llama as llama_model
 from tests.torch_ref import agent as ref
-from tests.torch_ref.resamplers import Resampler
+from convert.torch_ref.resamplers import Resampler
 
 P = conv.PREFIX
 

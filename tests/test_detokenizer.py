@@ -19,7 +19,7 @@ from convert.resamplers import xlv2_from_torch
 from seed_story_jax.config import DetokenizerConfig, ResamplerXLV2Config, SchedulerConfig, SeedStoryConfig
 from seed_story_jax.models.detokenizer import Detokenizer, frame_keys, initial_noise, latent_shape
 from seed_story_jax.schedulers import config_to_diffusers
-from tests.torch_ref.resamplers import ResamplerXLV2 as TorchResamplerXLV2
+from convert.torch_ref.resamplers import ResamplerXLV2 as TorchResamplerXLV2
 
 STEPS = 50
 BATCH = 2

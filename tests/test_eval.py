@@ -7,7 +7,6 @@ feature cosine equal mllm.loss_fn's lm_loss and 1 − rec_loss on the same sampl
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Resamplers against plain PyTorch references written from the spec (tests/torch_ref/resamplers.py).
+"""Resamplers against plain PyTorch references written from the spec (convert/torch_ref/resamplers.py).
 
 Tolerance: fp32 on CPU with matmul precision "highest"; outputs agree to 1e-5 relative to the
 output's max magnitude (`_close`)."""
@@ -17,7 +17,7 @@ from seed_story_jax.errors import ConversionError
 from seed_story_jax.models.resamplers import TRAINABLE, FrozenParam, QwenResampler, ResamplerXLV2
 from seed_story_jax.nn.params import count_params
 from tests.init_stats import assert_init_like, qwen_resampler_init_
-from tests.torch_ref import resamplers as ref
+from convert.torch_ref import resamplers as ref
 
 RTOL = 1e-5
 

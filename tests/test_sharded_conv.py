@@ -13,7 +13,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from seed_story_jax.config import MeshConfig
 from seed_story_jax.nn.conv import ResnetBlock2D
-from seed_story_jax.train.rules import activation_rules, state_shardings
+from seed_story_jax.nn.sharding import activation_rules
+from seed_story_jax.train.rules import state_shardings
 
 RULES = MeshConfig().rules
 

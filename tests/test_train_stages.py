@@ -211,6 +211,7 @@ def test_pinned_llama_on_8_devices_is_mllm_loss_fn():
     shardings: on mesh (2, 2, 2) under the train step's rules, CE and cosine equal the plain
     single-device loss_fn within 1e-5 relative (fp32, sharded reductions reorder sums)."""
     from seed_story_jax.models import mllm as M
+    from seed_story_jax.nn.sharding import activation_rules
     from seed_story_jax.train import rules as R
     from seed_story_jax.train.mesh import make_mesh
     from seed_story_jax.train.stage2 import agent_features, agent_loss
@@ -231,7 +232,7 @@ def test_pinned_llama_on_8_devices_is_mllm_loss_fn():
     mesh = make_mesh(cfg.mesh, jax.devices()[:8])
     p_sh = R.state_shardings(state, mesh, cfg.mesh.rules)
     b_sh = {k: R.batch_sharding(mesh, v.shape, cfg.mesh.rules) for k, v in batch.items()}
-    with R.activation_rules(mesh, cfg.mesh.rules):
+    with activation_rules(mesh, cfg.mesh.rules):
         got = jax.jit(lambda p, b: agent_loss(nnx.merge(graphdef, p), b)[1], in_shardings=(p_sh, b_sh))(params, batch)
     for k in ("lm_loss", "rec_loss"):
         assert float(got[k]) == pytest.approx(float(want[k]), rel=1e-5), k

@@ -17,7 +17,7 @@ from seed_story_jax.train import data as D
 from seed_story_jax.train import metrics as M
 from seed_story_jax.train import optim
 from seed_story_jax.train.mesh import make_mesh, resolve_shape
-from seed_story_jax.train.rules import fit_spec
+from seed_story_jax.nn.sharding import fit_spec
 from seed_story_jax.train.task import trainable_predicate
 
 STAGE2 = TrainConfig(stage=2, steps=6000, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05,
@@ -177,7 +177,7 @@ def test_fit_spec_drops_axes_that_do_not_divide():
 
 
 def test_fitted_spec_passes_an_axis_a_dimension_cannot_take_to_the_next():
-    from seed_story_jax.train.rules import fitted_spec
+    from seed_story_jax.nn.sharding import fitted_spec
 
     m, rules = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2)), MeshConfig().rules
     conv = ("kernel_h", "kernel_w", "conv_in", "conv_out")

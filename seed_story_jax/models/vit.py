@@ -194,7 +194,7 @@ def load(ckpt_dir, *, dtype=None) -> QwenViT:
     override (default: the config's)."""
     import dataclasses
 
-    from seed_story_jax.checkpoint import int_keys, load_component, read_config
+    from seed_story_jax.checkpoint import load_component, read_config
 
     cfg = read_config(ckpt_dir).vit
     if cfg is None:

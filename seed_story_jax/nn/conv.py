@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seed_story_jax.nn.params import dtype_of, linear, param, torch_default_init
-from seed_story_jax.train.rules import constrain
+from seed_story_jax.nn.sharding import constrain
 
 Padding = Union[int, Sequence[tuple[int, int]]]
 

@@ -1,7 +1,7 @@
 """Training: the generic machinery every stage plugs into.
 
     mesh.py     the (data, fsdp, tensor) mesh from MeshConfig; jax.distributed start-up
-    rules.py    logical axis names → shardings (fitted to shapes); activation constraints
+    rules.py    NamedShardings for states and batches (specs and activation constraints: nn/sharding.py)
     state.py    TrainState (step, fp32 trainable params, optimizer state, rng) + frozen params;
                 trainable/frozen split by a path predicate; sharded initialisation
     optim.py    AdamW, warmup + cosine-to-min_lr_ratio schedule (the original's formula), clipping

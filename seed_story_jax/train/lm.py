@@ -21,7 +21,7 @@ from flax import nnx
 
 from seed_story_jax.config import SeedStoryConfig
 from seed_story_jax.train.data import SyntheticLM
-from seed_story_jax.train.rules import constrain
+from seed_story_jax.nn.sharding import constrain
 from seed_story_jax.train.task import Bundle, Task, trainable_predicate
 
 MATMUL_LEAVES = ("kernel", "lora_a", "lora_b")

@@ -27,6 +27,7 @@ import numpy as np
 
 from seed_story_jax.config import SeedStoryConfig, dump_config
 from seed_story_jax.train import data as D
+from seed_story_jax.nn.sharding import activation_rules
 from seed_story_jax.train import rules as R
 from seed_story_jax.train import state as S
 from seed_story_jax.train.mesh import make_mesh
@@ -197,7 +198,7 @@ def run(cfg: SeedStoryConfig, workdir: str | os.PathLike, *, task=None, devices=
         compiles_after_first = None
         while step < end:
             batch = D.to_global(next(it), batch_sh, rows, b)
-            with R.activation_rules(mesh, rules):
+            with activation_rules(mesh, rules):
                 state, metrics = step_fn(state, frozen, batch)
             step += 1
             window_steps += 1
@@ -328,7 +329,7 @@ def compile_step(cfg: SeedStoryConfig, *, task=None, devices=None) -> None:
     stages' steps in a thread while an earlier stage compiles and trains (XLA compiles on one
     core). The numbers are the same: one program, compiled once."""
     p = prepare(cfg, task=task, devices=devices)
-    with R.activation_rules(p.mesh, p.rules):
+    with activation_rules(p.mesh, p.rules):
         p.step_fn.lower(*p.abstract_args()).compile()
 
 

@@ -135,6 +135,7 @@ def plan(cfg, topo: Topology) -> dict:
     """Compile cfg's train step for `topo`; per-chip bytes, FLOPs, and whether it fits."""
     import jax
 
+    from seed_story_jax.nn.sharding import activation_rules
     from seed_story_jax.train import rules as R
     from seed_story_jax.train.loop import prepare
 
@@ -146,7 +147,7 @@ def plan(cfg, topo: Topology) -> dict:
     b = t.batch_size
     state_in, frozen_in, batch_abs = p.abstract_args()
     t0 = time.perf_counter()
-    with R.activation_rules(mesh, rules):
+    with activation_rules(mesh, rules):
         lowered = p.step_fn.lower(state_in, frozen_in, batch_abs)
     t1 = time.perf_counter()
     try:

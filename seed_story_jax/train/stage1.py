@@ -183,7 +183,7 @@ def build_component(name: str, cfg: SeedStoryConfig, rngs: nnx.Rngs) -> nnx.Modu
 
 def vit_features(vit, images: jax.Array) -> jax.Array:
     """(..., S, S, 3) normalised images → (..., T, D) features of the frozen ViT (no gradient)."""
-    from seed_story_jax.train.rules import constrain
+    from seed_story_jax.nn.sharding import constrain
 
     lead = images.shape[:-3]
     f = vit(constrain(images.reshape((-1,) + images.shape[-3:]), ("batch", None, None, None)))
@@ -226,7 +226,7 @@ def denoising_loss(model: Bundle, features: jax.Array, sd_image: jax.Array, time
     weights (each row's MSE × its weight; the metric `mse` stays the unweighted mean). Returns
     (loss, metrics)."""
     from seed_story_jax import schedulers as sch
-    from seed_story_jax.train.rules import constrain
+    from seed_story_jax.nn.sharding import constrain
 
     pin = lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731 - see stage2.PinnedLlama
     k_lat, k_noise, k_t = jax.random.split(rng, 3)

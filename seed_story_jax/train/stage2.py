@@ -109,7 +109,7 @@ class PinnedLlama:
         return embed_sharded(self.llm, input_ids)
 
     def __call__(self, *, inputs_embeds: jax.Array, **kw):
-        from seed_story_jax.train.rules import constrain
+        from seed_story_jax.nn.sharding import constrain
 
         logits, hidden, cache = self.llm(inputs_embeds=constrain(inputs_embeds, ("batch", "length", None)), **kw)
         if logits is not None:

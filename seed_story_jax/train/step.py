@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from seed_story_jax.train.rules import fit_spec
+from seed_story_jax.nn.sharding import fit_spec
 from seed_story_jax.train.state import TrainState
 
 

@@ -10,7 +10,7 @@ transformers' `LlamaForCausalLM` wrapped the way peft 0.4 wraps it (peft is not 
     llm.base_model.model.model.layers.{i}.input_layernorm.modules_to_save.default.weight
     llm.base_model.model.model.norm.{original_module,modules_to_save.default}.weight
     llm.base_model.model.{model.embed_tokens,lm_head}.weight
-    input_resampler.*, output_resampler.*    (tests/torch_ref/resamplers.Resampler)
+    input_resampler.*, output_resampler.*    (convert/torch_ref/resamplers.Resampler)
 
 `ContinuousLVLM.forward` / `.generate` follow the original `src/models_clm/models.py` (§2.6, §2.7),
 with `AutoImageTokenGenerationProcessor` (0.0 suppression, max + 10 forcing). One deliberate
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
-from tests.torch_ref.resamplers import Resampler
+from convert.torch_ref.resamplers import Resampler
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
