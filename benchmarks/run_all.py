@@ -262,6 +262,18 @@ def kept_text() -> str:
     return ""
 
 
+def _load_line(loads: list, cpus: int) -> str:
+    if not loads:
+        return "- Load was not recorded. The ratios compare two implementations measured back to back, so they are the numbers to read."
+    span = f"1-minute load average {min(loads):.1f}–{max(loads):.1f} in the records"
+    if max(loads) > cpus:
+        return (f"- The machine was shared and oversubscribed while some of these were measured ({span}, {cpus} cores). "
+                "Absolute times are pessimistic and noisy; the ratios compare two implementations measured back to "
+                "back under the same load, so they are the numbers to read.")
+    return (f"- The machine was not oversubscribed ({span}, {cpus} cores). The ratios compare two implementations "
+            "measured back to back, so they are the numbers to read.")
+
+
 def render(records: dict[str, dict], failures: dict[str, dict], date: str, kept: str) -> str:
     m = machine_facts()
     loads = [r.get("load_avg_after") or (r.get("machine") or {}).get("load_avg") for r in records.values()]
@@ -277,10 +289,7 @@ def render(records: dict[str, dict], failures: dict[str, dict], date: str, kept:
         "",
         f"- {m.get('cpus')}-core CPU ({m.get('cpu', 'unknown model')}), {m.get('memory_gb', '?')} GB RAM, "
         f"{m.get('os')}, Python {m.get('python')}; no accelerator unless a GPU row says so.",
-        "- The machine was shared and loaded while these were measured (several concurrent jobs on 2 cores; "
-        + (f"1-minute load average {min(loads):.1f}–{max(loads):.1f} in the records" if loads else "load not recorded")
-        + "). Absolute times are pessimistic and noisy; the ratios compare two implementations measured "
-        "back to back in one process under the same load, so they are the numbers to read.",
+        _load_line(loads, m.get("cpus") or 1),
         "",
         "## Summary",
         "",
