@@ -15,12 +15,18 @@ class OutputExistsError(FileExistsError):
     pass
 
 
+def refuse_existing(dst: str | os.PathLike) -> Path:
+    """`dst` as a Path; an error if it exists (checked before any work, and again at the rename)."""
+    dst = Path(dst)
+    if dst.exists():
+        raise OutputExistsError(f"{dst}: already exists (refusing to overwrite)")
+    return dst
+
+
 @contextlib.contextmanager
 def atomic_path(dst: str | os.PathLike, *, directory: bool = False, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path (a fresh directory if `directory`); on clean exit rename it to `dst`."""
-    dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise OutputExistsError(f"{dst}: already exists (refusing to overwrite)")
+    dst = Path(dst) if overwrite else refuse_existing(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{dst.name}.tmp-"
     if directory:

@@ -137,3 +137,18 @@ def test_inspect_bad_input_exits_nonzero(tmp_path, capsys):
     assert cli.main(["inspect", str(tmp_path / "evil.bin")]) == 2
     err = capsys.readouterr().err
     assert "posix.system" in err and "evil.bin" in err and not (tmp_path / "PWNED").exists()
+
+
+def test_commands_refuse_an_existing_output_before_any_work(tmp_path, capsys):
+    """encode / reconstruct / generate check --out first: the (missing) checkpoint is never read and
+    the existing file is left as it was."""
+    existing = tmp_path / "out"
+    existing.write_text("keep me")
+    missing_ckpt, image = str(tmp_path / "no-ckpt"), str(tmp_path / "no-image.png")
+    for argv in (["encode", "--ckpt", missing_ckpt, image, "--out", str(existing)],
+                 ["reconstruct", image, "--ckpt", missing_ckpt, "--out", str(existing)],
+                 ["generate", "--ckpt", missing_ckpt, "--image", image, "--text", "hi", "--out", str(existing)]):
+        assert cli.main(argv) == 2, argv[0]
+        err = capsys.readouterr().err
+        assert f"{existing}: already exists" in err and "no-ckpt" not in err, (argv[0], err)
+        assert existing.read_text() == "keep me"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 HELP = "ViT features (N, 256, 4096) of images, saved as one .npy"
 
@@ -29,11 +28,9 @@ def run(args) -> int:
 
     if args.batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
-    out = Path(args.out)
-    if out.exists():
-        from seed_story_jax.atomic import OutputExistsError
+    from seed_story_jax.atomic import refuse_existing
 
-        raise OutputExistsError(f"{out}: already exists (refusing to overwrite)")
+    out = refuse_existing(args.out)
     model = vit.load(args.ckpt, dtype=args.dtype)
     size = model.cfg.image_size
     fn = transforms.TRANSFORMS[args.transform]

@@ -53,13 +53,11 @@ def read_captions(path) -> list[str]:
 
 
 def run(args) -> int:
-    from seed_story_jax.atomic import OutputExistsError
+    from seed_story_jax.atomic import refuse_existing
     from seed_story_jax.errors import DataError
     from seed_story_jax.transforms import load_image
 
-    out = Path(args.out)
-    if out.exists():
-        raise OutputExistsError(f"{out}: already exists (refusing to overwrite)")
+    out = refuse_existing(args.out)
     if args.frames < 2:
         raise DataError(f"--frames must be >= 2 (the start image and one more), got {args.frames}")
     if args.max_text_tokens < 1:

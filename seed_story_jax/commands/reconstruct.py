@@ -8,7 +8,6 @@ the zero-image features, seed 42 by default, as the original). The checkpoint ne
 
 from __future__ import annotations
 
-from pathlib import Path
 
 HELP = "re-paint an image from its ViT features with the de-tokenizer (stage-1 reconstruction)"
 
@@ -28,14 +27,12 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from seed_story_jax import transforms
-    from seed_story_jax.atomic import OutputExistsError, atomic_path
+    from seed_story_jax.atomic import atomic_path, refuse_existing
     from seed_story_jax.errors import DataError
     from seed_story_jax.models import vit
     from seed_story_jax.models.detokenizer import Detokenizer
 
-    out = Path(args.out)
-    if out.exists():
-        raise OutputExistsError(f"{out}: already exists (refusing to overwrite)")
+    out = refuse_existing(args.out)
     if args.steps is not None and args.steps < 1:
         raise DataError(f"--steps must be >= 1, got {args.steps}")
     img = transforms.load_image(args.image)  # fail on a bad image before loading any weights
