@@ -154,27 +154,26 @@ def _config(args, overrides):
     return apply_train_overrides(load_config(resolve_config_path(args.config), overrides))
 
 
-def full_batch(cfg, n: int) -> tuple[dict, float]:
-    """The first `n` stage-2 samples that fill every image slot (the fullest if too few do), stacked;
+def full_batch(examples, max_images: int, n: int) -> tuple[dict, float]:
+    """The first `n` stage-2 examples that fill every image slot (the fullest if too few do), stacked;
     and the fraction of slots filled."""
     import numpy as np
 
-    from seed_story_jax.train.stage1 import story_examples
-    from seed_story_jax.train.stage2 import STAGE2_KEYS, story_tokenizer
+    from seed_story_jax.train.stage2 import STAGE2_KEYS
 
-    examples = story_examples(cfg, 2, STAGE2_KEYS, story_tokenizer(cfg))
-    m = cfg.data.max_images
-    seen = []
+    seen, full = [], 0
     for i in range(min(len(examples), 32 * n)):
         ex = examples[i]
-        seen.append((int((ex["embeds_cmp_mask"] | ex["embeds_gen_mask"]).sum()), i, ex))
-        if sum(k == m for k, _, _ in seen) == n:
+        k = int((ex["embeds_cmp_mask"] | ex["embeds_gen_mask"]).sum())
+        seen.append((k, i, ex))
+        full += k == max_images
+        if full == n:
             break
     chosen = sorted(seen, key=lambda s: (-s[0], s[1]))[:n]
     if len(chosen) < n:
         raise SystemExit(f"train_step: only {len(chosen)} samples in the data; --batch {n}")
     batch = {k: np.stack([ex[k] for _, _, ex in chosen]) for k in STAGE2_KEYS}
-    return batch, sum(k for k, _, _ in chosen) / (n * m)
+    return batch, sum(k for k, _, _ in chosen) / (n * max_images)
 
 
 def batch_hash(batch: dict) -> str:
@@ -208,8 +207,8 @@ def jax_side(args, overrides) -> dict:
     from seed_story_jax.train.stages import make_task
 
     cfg = _config(args, overrides)
-    batch_np, filled = full_batch(cfg, args.batch)
     task = make_task(cfg)
+    batch_np, filled = full_batch(task.examples, cfg.data.max_images, args.batch)
     p = prepare(cfg, task=task)
     state, frozen = p.initial_state()
     batch = jax.device_put({k: batch_np[k] for k in p.batch_sh}, p.batch_sh)
@@ -298,8 +297,13 @@ def torch_model(cfg, device):
 def torch_side(args, overrides) -> dict:
     import torch
 
+    from seed_story_jax.train.stage1 import story_examples
+    from seed_story_jax.train.stage2 import STAGE2_KEYS, story_tokenizer
+
     cfg = _config(args, overrides)
-    batch_np, filled = full_batch(cfg, args.batch)
+    # what make_task(cfg) reads on the other side, without building the task (its FLOP counts compile)
+    examples = story_examples(cfg, 2, STAGE2_KEYS, story_tokenizer(cfg))
+    batch_np, filled = full_batch(examples, cfg.data.max_images, args.batch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(args.threads)
@@ -327,7 +331,7 @@ def torch_side(args, overrides) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             with torch.no_grad():
                 feats = vit(images if bf16 else images.to(vit_dtype))  # autocast casts for itself
